@@ -1,0 +1,77 @@
+//! `meshpy._core`: the data plane as a Python class. Only type and error mapping
+//! lives here; every blocking call runs with the GIL released.
+
+use std::time::Duration;
+
+use meshpy_dataplane::{Config, Error, Proxy as Core};
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+create_exception!(_core, CoreError, PyException, "Base class of the data plane's errors.");
+create_exception!(_core, CoreConfigError, CoreError, "The data plane refused a configuration.");
+create_exception!(_core, ListenError, CoreError, "A listener could not bind its address.");
+
+fn to_py(error: Error) -> PyErr {
+    match error {
+        Error::Config(message) => CoreConfigError::new_err(message),
+        Error::Listen(message) => ListenError::new_err(message),
+    }
+}
+
+/// A running proxy: tokio worker threads serving every listener of the config.
+#[pyclass(module = "meshpy._core", frozen)]
+struct Proxy {
+    core: Core,
+}
+
+#[pymethods]
+impl Proxy {
+    #[new]
+    #[pyo3(signature = (config_json, workers=None))]
+    fn new(py: Python<'_>, config_json: &str, workers: Option<usize>) -> PyResult<Self> {
+        let config = Config::from_json(config_json).map_err(to_py)?;
+        let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+        let core = py.detach(|| Core::start(config, workers)).map_err(to_py)?;
+        Ok(Self { core })
+    }
+
+    fn reload(&self, py: Python<'_>, config_json: &str) -> PyResult<u64> {
+        let config = Config::from_json(config_json).map_err(to_py)?;
+        py.detach(|| self.core.reload(config)).map_err(to_py)
+    }
+
+    #[getter]
+    fn version(&self) -> u64 {
+        self.core.version()
+    }
+
+    fn addresses(&self) -> std::collections::BTreeMap<String, String> {
+        self.core.addresses()
+    }
+
+    fn is_running(&self) -> bool {
+        self.core.is_running()
+    }
+
+    fn shutdown(&self, py: Python<'_>, drain_timeout: f64) {
+        let deadline = Duration::from_secs_f64(drain_timeout.max(0.0));
+        py.detach(|| self.core.shutdown(deadline));
+    }
+}
+
+#[pyfunction]
+fn init_logging(level: &str) -> PyResult<()> {
+    meshpy_dataplane::init_logging(level).map_err(pyo3::exceptions::PyValueError::new_err)
+}
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Proxy>()?;
+    m.add_function(wrap_pyfunction!(init_logging, m)?)?;
+    m.add("CoreError", py.get_type::<CoreError>())?;
+    m.add("CoreConfigError", py.get_type::<CoreConfigError>())?;
+    m.add("ListenError", py.get_type::<ListenError>())?;
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! The normalized configuration handed over by the Python layer.
+//!
+//! Python validates the user's YAML (field paths, defaults, units) and passes this
+//! shape as JSON: durations in seconds, sizes in bytes, every key present. The core
+//! re-checks only what Python cannot know (Rust regex syntax, TLS files, sockets).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Config {
+    pub admin: Option<AdminConfig>,
+    pub listeners: Vec<ListenerConfig>,
+    pub clusters: Vec<ClusterConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminConfig {
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Http,
+    Tcp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ListenerConfig {
+    pub name: String,
+    pub listen: String,
+    pub protocol: Protocol,
+    /// The destination of a `tcp` listener.
+    pub cluster: Option<String>,
+    pub tls: Option<TlsServerConfig>,
+    pub limits: Limits,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TlsServerConfig {
+    pub cert: String,
+    pub key: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: Option<u64>,
+    pub header_read_timeout: f64,
+    pub idle_timeout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RouteConfig {
+    pub name: String,
+    #[serde(rename = "match")]
+    pub matches: MatchConfig,
+    pub cluster: String,
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MatchConfig {
+    pub host: Option<String>,
+    pub path: Option<String>,
+    pub path_prefix: Option<String>,
+    pub path_regex: Option<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<HeaderMatchConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HeaderMatchConfig {
+    pub name: String,
+    pub exact: Option<String>,
+    pub regex: Option<String>,
+    pub present: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    P2cEwma,
+    RoundRobin,
+    LeastRequest,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// Speak to the upstream in the HTTP version the downstream client used.
+    Auto,
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c).
+    Http2,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClusterConfig {
+    pub name: String,
+    pub endpoints: Vec<String>,
+    pub lb: LbPolicy,
+    pub protocol: UpstreamProtocol,
+    pub connect_timeout: f64,
+    pub idle_timeout: f64,
+}
+
+impl Config {
+    pub fn from_json(text: &str) -> Result<Self, crate::Error> {
+        serde_json::from_str(text).map_err(|e| crate::Error::Config(format!("invalid core config: {e}")))
+    }
+}

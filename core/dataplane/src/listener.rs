@@ -1,0 +1,195 @@
+//! Accept loops and per-connection serving: TLS, protocol detection, HTTP or TCP.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::http_proxy::{self, ConnCtx};
+use crate::io::{ConnState, MeteredIo};
+use crate::proxy::Shared;
+use crate::snapshot::{HttpServer, Kind, Listener};
+use crate::tcp_proxy;
+
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Accepts connections until `stop` fires; the socket closes when this returns.
+pub async fn accept_loop(
+    socket: TcpListener,
+    key: Arc<str>,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            accepted = socket.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let shared = shared.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let guard = shared.drain.guard();
+                        serve_connection(stream, peer, key, shared).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(listener = %key, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, shared: Arc<Shared>) {
+    let Some(listener) = shared.snapshot.load().listeners.get(&*key).cloned() else { return };
+    let _ = stream.set_nodelay(true);
+    let state = ConnState::new(listener.metrics.clone());
+    match &listener.kind {
+        Kind::Tcp { cluster } => {
+            tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await;
+        }
+        Kind::Admin => {
+            let io = TokioIo::new(MeteredIo::new(stream, state));
+            let admin_shared = shared.clone();
+            let service = service_fn(move |req| admin::handle(admin_shared.clone(), req));
+            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+            let _ = serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, None).await;
+        }
+        Kind::Http { server, .. } => match &listener.tls {
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(listener.header_read_timeout, acceptor.accept(stream));
+                let tls = match handshake.await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone());
+                serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
+            }
+            None => {
+                let Some(http2) = detect_http2(&stream, listener.header_read_timeout).await else { return };
+                let ctx = conn_ctx(&shared, key, &listener, peer, false, state.clone());
+                serve_http(MeteredIo::new(stream, state.clone()), http2, server, ctx).await;
+            }
+        },
+    }
+}
+
+fn conn_ctx(
+    shared: &Arc<Shared>,
+    key: Arc<str>,
+    listener: &Arc<Listener>,
+    peer: SocketAddr,
+    tls: bool,
+    state: Arc<ConnState>,
+) -> Arc<ConnCtx> {
+    Arc::new(ConnCtx { shared: shared.clone(), key, accepted: listener.clone(), peer, tls, state })
+}
+
+/// Peeks at the first bytes: the HTTP/2 connection preface means h2c with prior
+/// knowledge, anything else is HTTP/1. `None` when the client went away or stalled.
+async fn detect_http2(stream: &TcpStream, deadline: Duration) -> Option<bool> {
+    let peek = async {
+        let mut buf = [0u8; HTTP2_PREFACE.len()];
+        loop {
+            let n = stream.peek(&mut buf).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            if buf[..n] != HTTP2_PREFACE[..n] {
+                return Some(false);
+            }
+            if n == HTTP2_PREFACE.len() {
+                return Some(true);
+            }
+            // A partial preface: wait for more bytes rather than spin on peek.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    };
+    tokio::time::timeout(deadline, peek).await.ok().flatten()
+}
+
+async fn serve_http<T>(io: MeteredIo<T>, http2: bool, server: &HttpServer, ctx: Arc<ConnCtx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let shared = ctx.shared.clone();
+    let listener = ctx.accepted.clone();
+    let state = ctx.state.clone();
+    let service = service_fn(move |req| http_proxy::handle(ctx.clone(), req));
+    let io = TokioIo::new(io);
+    let result = if http2 {
+        let conn = server.http2.serve_connection(io, service);
+        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, Some(&state)).await
+    } else {
+        let conn = server.http1.serve_connection(io, service).with_upgrades();
+        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, Some(&state)).await
+    };
+    if let Err(e) = result {
+        tracing::debug!(listener = %listener.name, error = %e, "connection closed with an error");
+    }
+}
+
+/// Drives a connection to its end. When the proxy drains, or the connection has
+/// been idle (no bytes, no open request) for the listener's idle timeout, asks it to
+/// finish its open requests and close.
+async fn serve_until_done<F>(
+    conn: F,
+    shutdown: impl FnOnce(Pin<&mut F>),
+    shared: &Shared,
+    listener: &Listener,
+    state: Option<&ConnState>,
+) -> Result<(), hyper::Error>
+where
+    F: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(conn);
+    let mut drain = shared.drain.watcher();
+    let mut shutdown = Some(shutdown);
+    if shared.drain.is_draining() {
+        if let Some(begin) = shutdown.take() {
+            begin(conn.as_mut());
+        }
+    }
+    let idle_limit = listener.idle_timeout.as_millis() as u64;
+    loop {
+        let idle_wait = async {
+            match state {
+                Some(state) if idle_limit > 0 => {
+                    let remaining = idle_limit.saturating_sub(state.idle_ms()).max(1);
+                    tokio::time::sleep(Duration::from_millis(remaining)).await;
+                    state.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
+                        && state.idle_ms() >= idle_limit
+                }
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            result = conn.as_mut() => return result,
+            _ = drain.changed(), if shutdown.is_some() => {
+                if let Some(begin) = shutdown.take() {
+                    begin(conn.as_mut());
+                }
+            }
+            idle = idle_wait, if shutdown.is_some() => {
+                if idle {
+                    if let Some(begin) = shutdown.take() {
+                        begin(conn.as_mut());
+                    }
+                }
+            }
+        }
+    }
+}

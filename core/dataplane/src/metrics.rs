@@ -1,0 +1,249 @@
+//! Prometheus metrics, named as Linkerd names them so existing dashboards apply.
+//!
+//! Every series the hot path touches is a pre-allocated atomic reached through an
+//! `Arc` held by the route, cluster or listener: no map lookup or lock per request.
+//! Series are keyed by name in the registry so they survive config reloads.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds of the latency buckets, in milliseconds (Linkerd's buckets).
+const LATENCY_BUCKETS_MS: [u64; 25] = [
+    1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000, 10000, 20000,
+    30000, 40000, 50000,
+];
+
+const MIN_STATUS: u16 = 100;
+const STATUS_SLOTS: usize = 500;
+
+pub struct RouteMetrics {
+    requests: AtomicU64,
+    responses: Box<[AtomicU64]>,
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    latency_sum_us: AtomicU64,
+}
+
+impl RouteMetrics {
+    fn new() -> Self {
+        Self {
+            requests: AtomicU64::new(0),
+            responses: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency_sum_us: AtomicU64::new(0),
+        }
+    }
+
+    pub fn request(&self) {
+        self.requests.fetch_add(1, Relaxed);
+    }
+
+    pub fn response(&self, status: u16, latency: Duration) {
+        let slot = usize::from(status.saturating_sub(MIN_STATUS)).min(STATUS_SLOTS - 1);
+        self.responses[slot].fetch_add(1, Relaxed);
+        let ms = latency.as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS.partition_point(|&bound| bound < ms);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.latency_sum_us.fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub struct ClusterMetrics {
+    pub connections_open: AtomicI64,
+    pub connects: AtomicU64,
+    pub connect_errors: AtomicU64,
+}
+
+#[derive(Default)]
+pub struct ListenerMetrics {
+    pub opened: AtomicU64,
+    pub closed: AtomicU64,
+    pub read_bytes: AtomicU64,
+    pub write_bytes: AtomicU64,
+}
+
+#[derive(Default)]
+struct Series {
+    routes: BTreeMap<(String, String, String), Arc<RouteMetrics>>,
+    clusters: BTreeMap<String, Arc<ClusterMetrics>>,
+    listeners: BTreeMap<String, Arc<ListenerMetrics>>,
+}
+
+#[derive(Default)]
+pub struct Registry {
+    series: Mutex<Series>,
+    pub config_version: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Registry {
+    pub fn route(&self, listener: &str, route: &str, cluster: &str) -> Arc<RouteMetrics> {
+        let key = (listener.to_owned(), route.to_owned(), cluster.to_owned());
+        let mut series = self.series.lock().unwrap();
+        series.routes.entry(key).or_insert_with(|| Arc::new(RouteMetrics::new())).clone()
+    }
+
+    pub fn cluster(&self, name: &str) -> Arc<ClusterMetrics> {
+        let mut series = self.series.lock().unwrap();
+        series.clusters.entry(name.to_owned()).or_default().clone()
+    }
+
+    pub fn listener(&self, name: &str) -> Arc<ListenerMetrics> {
+        let mut series = self.series.lock().unwrap();
+        series.listeners.entry(name.to_owned()).or_default().clone()
+    }
+
+    /// Renders every series in the Prometheus text exposition format.
+    pub fn render(&self) -> String {
+        let series = self.series.lock().unwrap();
+        let mut out = String::with_capacity(8192);
+        render_routes(&mut out, &series.routes);
+        render_clusters(&mut out, &series.clusters);
+        render_listeners(&mut out, &series.listeners);
+        header(&mut out, "config_version", "gauge", "Version of the active configuration.");
+        let _ = writeln!(out, "config_version {}", self.config_version.load(Relaxed));
+        header(&mut out, "config_reload_total", "counter", "Configuration reloads by result.");
+        let _ = writeln!(out, "config_reload_total{{result=\"success\"}} {}", self.reloads_ok.load(Relaxed));
+        let _ =
+            writeln!(out, "config_reload_total{{result=\"failure\"}} {}", self.reloads_failed.load(Relaxed));
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a label value per the exposition format.
+fn esc(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+fn render_routes(out: &mut String, routes: &BTreeMap<(String, String, String), Arc<RouteMetrics>>) {
+    let labels = |(l, r, c): &(String, String, String)| {
+        format!("listener=\"{}\",route=\"{}\",cluster=\"{}\"", esc(l), esc(r), esc(c))
+    };
+    header(out, "request_total", "counter", "HTTP requests received, by route.");
+    for (key, m) in routes {
+        let _ = writeln!(out, "request_total{{{}}} {}", labels(key), m.requests.load(Relaxed));
+    }
+    header(out, "response_total", "counter", "HTTP responses sent, by route and status code.");
+    for (key, m) in routes {
+        for (slot, count) in m.responses.iter().enumerate() {
+            let count = count.load(Relaxed);
+            if count == 0 {
+                continue;
+            }
+            let status = slot as u16 + MIN_STATUS;
+            let class = if status >= 500 { "failure" } else { "success" };
+            let _ = writeln!(
+                out,
+                "response_total{{{},status_code=\"{status}\",classification=\"{class}\"}} {count}",
+                labels(key)
+            );
+        }
+    }
+    header(
+        out,
+        "response_latency_ms",
+        "histogram",
+        "Time from receiving a request to sending the response headers, in milliseconds.",
+    );
+    for (key, m) in routes {
+        let labels = labels(key);
+        let mut cumulative = 0;
+        for (i, bucket) in m.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = LATENCY_BUCKETS_MS.get(i).map_or("+Inf".to_owned(), u64::to_string);
+            let _ = writeln!(out, "response_latency_ms_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let sum_ms = m.latency_sum_us.load(Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "response_latency_ms_sum{{{labels}}} {sum_ms}");
+        let _ = writeln!(out, "response_latency_ms_count{{{labels}}} {cumulative}");
+    }
+}
+
+fn render_clusters(out: &mut String, clusters: &BTreeMap<String, Arc<ClusterMetrics>>) {
+    header(out, "upstream_connections_open", "gauge", "Open connections to upstream endpoints.");
+    for (name, m) in clusters {
+        let _ = writeln!(
+            out,
+            "upstream_connections_open{{cluster=\"{}\"}} {}",
+            esc(name),
+            m.connections_open.load(Relaxed)
+        );
+    }
+    header(out, "upstream_connect_total", "counter", "Connections opened to upstream endpoints.");
+    for (name, m) in clusters {
+        let _ =
+            writeln!(out, "upstream_connect_total{{cluster=\"{}\"}} {}", esc(name), m.connects.load(Relaxed));
+    }
+    header(out, "upstream_connect_errors_total", "counter", "Failed upstream connection attempts.");
+    for (name, m) in clusters {
+        let _ = writeln!(
+            out,
+            "upstream_connect_errors_total{{cluster=\"{}\"}} {}",
+            esc(name),
+            m.connect_errors.load(Relaxed)
+        );
+    }
+}
+
+/// A listener series: name, type, help text, and how to read it.
+type ListenerRow = (&'static str, &'static str, &'static str, fn(&ListenerMetrics) -> u64);
+
+fn render_listeners(out: &mut String, listeners: &BTreeMap<String, Arc<ListenerMetrics>>) {
+    let rows: [ListenerRow; 5] = [
+        ("tcp_open_total", "counter", "Downstream connections accepted.", |m| m.opened.load(Relaxed)),
+        ("tcp_close_total", "counter", "Downstream connections closed.", |m| m.closed.load(Relaxed)),
+        ("tcp_open_connections", "gauge", "Downstream connections open now.", |m| {
+            m.opened.load(Relaxed).saturating_sub(m.closed.load(Relaxed))
+        }),
+        ("tcp_read_bytes_total", "counter", "Bytes read from downstream clients.", |m| {
+            m.read_bytes.load(Relaxed)
+        }),
+        ("tcp_write_bytes_total", "counter", "Bytes written to downstream clients.", |m| {
+            m.write_bytes.load(Relaxed)
+        }),
+    ];
+    for (name, kind, help, value) in rows {
+        header(out, name, kind, help);
+        for (listener, m) in listeners {
+            let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(listener), value(m));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_lands_in_the_first_bucket_at_or_above_it() {
+        let registry = Registry::default();
+        let route = registry.route("edge", "api", "backend");
+        route.request();
+        route.response(200, Duration::from_millis(3));
+        route.response(503, Duration::from_secs(100));
+        let text = registry.render();
+        assert!(text.contains("request_total{listener=\"edge\",route=\"api\",cluster=\"backend\"} 1"));
+        assert!(text.contains("status_code=\"200\",classification=\"success\"} 1"));
+        assert!(text.contains("status_code=\"503\",classification=\"failure\"} 1"));
+        assert!(text.contains("cluster=\"backend\",le=\"2\"} 0"));
+        assert!(text.contains("cluster=\"backend\",le=\"3\"} 1"));
+        assert!(text.contains("cluster=\"backend\",le=\"50000\"} 1"));
+        assert!(text.contains("cluster=\"backend\",le=\"+Inf\"} 2"));
+    }
+
+    #[test]
+    fn series_are_shared_by_name_across_reloads() {
+        let registry = Registry::default();
+        let first = registry.cluster("payments");
+        first.connects.fetch_add(1, Relaxed);
+        assert_eq!(registry.cluster("payments").connects.load(Relaxed), 1);
+    }
+}

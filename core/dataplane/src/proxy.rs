@@ -1,0 +1,196 @@
+//! The running proxy: its runtime, its listeners, and config reloads.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::net::TcpListener;
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::drain::Drain;
+use crate::listener::accept_loop;
+use crate::metrics::Registry;
+use crate::snapshot::Snapshot;
+use crate::Error;
+
+/// State shared by every task of the proxy.
+pub struct Shared {
+    pub snapshot: ArcSwap<Snapshot>,
+    pub registry: Registry,
+    pub drain: Arc<Drain>,
+    /// Bound address of each accept loop, by listener key.
+    bound: Mutex<HashMap<String, SocketAddr>>,
+}
+
+impl Shared {
+    /// Listener name to bound address, as the active snapshot names them.
+    pub fn addresses(&self) -> BTreeMap<String, String> {
+        let snapshot = self.snapshot.load();
+        let bound = self.bound.lock().unwrap();
+        snapshot
+            .listeners
+            .iter()
+            .filter_map(|(key, l)| bound.get(key).map(|addr| (l.name.clone(), addr.to_string())))
+            .collect()
+    }
+}
+
+struct AcceptLoop {
+    stop: watch::Sender<bool>,
+}
+
+pub struct Proxy {
+    /// Taken by shutdown; `handle` drives the runtime until then.
+    runtime: Mutex<Option<Runtime>>,
+    handle: Handle,
+    shared: Arc<Shared>,
+    loops: Mutex<HashMap<String, AcceptLoop>>,
+    /// Serializes reloads so versions are assigned and applied in order.
+    reload_lock: Mutex<()>,
+}
+
+impl Proxy {
+    /// Builds the runtime with `workers` threads, binds every listener and starts
+    /// serving. Returns once all sockets are bound.
+    pub fn start(config: Config, workers: usize) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers.max(1))
+            .thread_name("meshpy-worker")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Listen(format!("cannot start the runtime: {e}")))?;
+        let registry = Registry::default();
+        let snapshot = {
+            let _entered = runtime.enter();
+            Snapshot::build(config, 1, None, &registry)?
+        };
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Snapshot { version: 0, ..empty_snapshot() }),
+            registry,
+            drain: Drain::new(),
+            bound: Mutex::new(HashMap::new()),
+        });
+        let proxy = Self {
+            handle: runtime.handle().clone(),
+            runtime: Mutex::new(Some(runtime)),
+            shared,
+            loops: Mutex::new(HashMap::new()),
+            reload_lock: Mutex::new(()),
+        };
+        proxy.apply(snapshot)?;
+        Ok(proxy)
+    }
+
+    /// Validates and swaps in a new config. On any error the old config stays.
+    pub fn reload(&self, config: Config) -> Result<u64, Error> {
+        let _serial = self.reload_lock.lock().unwrap();
+        if !self.is_running() {
+            return Err(Error::Config("the proxy has shut down".into()));
+        }
+        let current = self.shared.snapshot.load_full();
+        let built = {
+            let _entered = self.handle.enter();
+            Snapshot::build(config, current.version + 1, Some(&current), &self.shared.registry)
+        };
+        let result = built.and_then(|snapshot| self.apply(snapshot));
+        match &result {
+            Ok(version) => {
+                self.shared.registry.reloads_ok.fetch_add(1, Relaxed);
+                tracing::info!(version, "config applied");
+            }
+            Err(e) => {
+                self.shared.registry.reloads_failed.fetch_add(1, Relaxed);
+                tracing::error!(error = %e, "config refused; keeping version {}", current.version);
+            }
+        }
+        result
+    }
+
+    /// Binds the listeners the snapshot adds, swaps it in, then stops the accept
+    /// loops it no longer has. Binding comes first so a failure changes nothing.
+    fn apply(&self, snapshot: Snapshot) -> Result<u64, Error> {
+        let mut loops = self.loops.lock().unwrap();
+        let mut fresh = Vec::new();
+        for (key, listener) in &snapshot.listeners {
+            if loops.contains_key(key) {
+                continue;
+            }
+            let bound = self.handle.block_on(TcpListener::bind(listener.listen.as_str()));
+            let socket = bound.map_err(|e| {
+                Error::Listen(format!(
+                    "listener \"{}\": cannot listen on {}: {e}",
+                    listener.name, listener.listen
+                ))
+            })?;
+            fresh.push((key.clone(), socket));
+        }
+        let version = snapshot.version;
+        let keep: Vec<String> = snapshot.listeners.keys().cloned().collect();
+        self.shared.registry.config_version.store(version, Relaxed);
+        self.shared.snapshot.store(Arc::new(snapshot));
+        let mut bound = self.shared.bound.lock().unwrap();
+        for (key, socket) in fresh {
+            if let Ok(addr) = socket.local_addr() {
+                bound.insert(key.clone(), addr);
+            }
+            let (stop, stopped) = watch::channel(false);
+            self.handle.spawn(accept_loop(socket, key.clone().into(), self.shared.clone(), stopped));
+            loops.insert(key, AcceptLoop { stop });
+        }
+        loops.retain(|key, accept| {
+            let kept = keep.contains(key);
+            if !kept {
+                accept.stop.send_replace(true);
+                bound.remove(key);
+            }
+            kept
+        });
+        Ok(version)
+    }
+
+    pub fn version(&self) -> u64 {
+        self.shared.snapshot.load().version
+    }
+
+    pub fn addresses(&self) -> BTreeMap<String, String> {
+        self.shared.addresses()
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.runtime.lock().unwrap().is_some()
+    }
+
+    /// Stops accepting, lets open connections finish up to `deadline`, then stops
+    /// the runtime. Blocks the calling thread.
+    pub fn shutdown(&self, deadline: Duration) {
+        let Some(runtime) = self.runtime.lock().unwrap().take() else { return };
+        for (_, accept) in self.loops.lock().unwrap().drain() {
+            accept.stop.send_replace(true);
+        }
+        let left = runtime.block_on(self.shared.drain.drain(deadline));
+        if left > 0 {
+            tracing::warn!(connections = left, "drain deadline reached; closing remaining connections");
+        }
+        runtime.shutdown_timeout(Duration::from_millis(100));
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shutdown(Duration::ZERO);
+    }
+}
+
+fn empty_snapshot() -> Snapshot {
+    Snapshot {
+        version: 0,
+        config: Config { admin: None, listeners: vec![], clusters: vec![] },
+        listeners: HashMap::new(),
+        clusters: HashMap::new(),
+    }
+}

@@ -1,0 +1,180 @@
+//! One immutable, versioned view of the whole configuration, swapped atomically.
+//!
+//! Requests take the snapshot current when they start and finish on it; clusters
+//! whose config did not change are carried over so their pools and latency
+//! estimates survive a reload.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::cluster::Cluster;
+use crate::config::{Config, ListenerConfig, Protocol};
+use crate::metrics::{ListenerMetrics, Registry, RouteMetrics};
+use crate::routing::Matcher;
+use crate::tls;
+use crate::Error;
+
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub cluster: Arc<Cluster>,
+    pub timeout: Option<Duration>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+pub enum Kind {
+    Http { routes: Vec<Route>, server: Box<HttpServer> },
+    Tcp { cluster: Arc<Cluster> },
+    Admin,
+}
+
+pub struct Listener {
+    pub name: String,
+    pub listen: String,
+    pub kind: Kind,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub max_body_bytes: Option<u64>,
+    pub header_read_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub metrics: Arc<ListenerMetrics>,
+}
+
+impl Listener {
+    /// The key under which the accept loop finds this listener in every snapshot: its
+    /// address, so a renamed listener keeps its socket; port 0 is per name.
+    pub fn key(name: &str, listen: &str) -> String {
+        match listen.parse::<SocketAddr>() {
+            Ok(addr) if addr.port() != 0 => listen.to_owned(),
+            _ => format!("{name}@{listen}"),
+        }
+    }
+}
+
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Config,
+    /// By [`Listener::key`].
+    pub listeners: HashMap<String, Arc<Listener>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+}
+
+pub const ADMIN_LISTENER: &str = "admin";
+
+impl Snapshot {
+    pub fn build(
+        config: Config,
+        version: u64,
+        previous: Option<&Snapshot>,
+        registry: &Registry,
+    ) -> Result<Self, Error> {
+        let mut clusters = HashMap::new();
+        for c in &config.clusters {
+            let reused =
+                previous.and_then(|p| p.clusters.get(&c.name)).filter(|old| old.config == *c).cloned();
+            let cluster = reused.unwrap_or_else(|| Arc::new(Cluster::new(c.clone(), registry)));
+            clusters.insert(c.name.clone(), cluster);
+        }
+        let lookup = |name: &str, at: &str| {
+            clusters
+                .get(name)
+                .cloned()
+                .ok_or_else(|| Error::Config(format!("{at}: unknown cluster {name:?}")))
+        };
+
+        let mut listeners = HashMap::new();
+        for (i, l) in config.listeners.iter().enumerate() {
+            let at = format!("listeners[{i}]");
+            let kind = match l.protocol {
+                Protocol::Tcp => {
+                    let name = l
+                        .cluster
+                        .as_deref()
+                        .ok_or_else(|| Error::Config(format!("{at}.cluster: required for tcp")))?;
+                    Kind::Tcp { cluster: lookup(name, &format!("{at}.cluster"))? }
+                }
+                Protocol::Http => {
+                    let mut routes = Vec::with_capacity(l.routes.len());
+                    for (j, r) in l.routes.iter().enumerate() {
+                        let at = format!("{at}.routes[{j}]");
+                        let cluster = lookup(&r.cluster, &format!("{at}.cluster"))?;
+                        routes.push(Route {
+                            matcher: Matcher::compile(&r.matches, &at)?,
+                            metrics: registry.route(&l.name, &r.name, cluster.name()),
+                            timeout: r.timeout.map(Duration::from_secs_f64),
+                            name: r.name.clone(),
+                            cluster,
+                        });
+                    }
+                    Kind::Http { routes, server: Box::new(HttpServer::new(l)) }
+                }
+            };
+            let tls = match &l.tls {
+                Some(t) => {
+                    Some(tls::server_acceptor(t).map_err(|e| Error::Config(format!("{at}.tls: {e}")))?)
+                }
+                None => None,
+            };
+            let listener = Listener {
+                name: l.name.clone(),
+                listen: l.listen.clone(),
+                kind,
+                tls,
+                max_body_bytes: l.limits.max_body_bytes,
+                header_read_timeout: Duration::from_secs_f64(l.limits.header_read_timeout),
+                idle_timeout: Duration::from_secs_f64(l.limits.idle_timeout),
+                metrics: registry.listener(&l.name),
+            };
+            if listeners.insert(Listener::key(&l.name, &l.listen), Arc::new(listener)).is_some() {
+                return Err(Error::Config(format!("{at}.listen: address {} used twice", l.listen)));
+            }
+        }
+        if let Some(admin) = &config.admin {
+            let listener = Listener {
+                name: ADMIN_LISTENER.to_owned(),
+                listen: admin.listen.clone(),
+                kind: Kind::Admin,
+                tls: None,
+                max_body_bytes: Some(0),
+                header_read_timeout: Duration::from_secs(10),
+                idle_timeout: Duration::from_secs(60),
+                metrics: registry.listener(ADMIN_LISTENER),
+            };
+            if listeners.insert(Listener::key(ADMIN_LISTENER, &admin.listen), Arc::new(listener)).is_some() {
+                return Err(Error::Config(format!(
+                    "admin.listen: address {} already used by a listener",
+                    admin.listen
+                )));
+            }
+        }
+        Ok(Self { version, config, listeners, clusters })
+    }
+}
+
+/// Per-listener HTTP settings for both protocol versions; which one serves a
+/// connection is decided by ALPN or by the HTTP/2 connection preface.
+pub struct HttpServer {
+    pub http1: http1::Builder,
+    pub http2: http2::Builder<TokioExecutor>,
+}
+
+impl HttpServer {
+    fn new(l: &ListenerConfig) -> Self {
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
+            .keep_alive(true)
+            .max_headers(l.limits.max_headers)
+            .max_header_size(l.limits.max_header_bytes)
+            .header_read_timeout(Duration::from_secs_f64(l.limits.header_read_timeout));
+        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        h2.timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(l.limits.max_header_bytes).unwrap_or(u32::MAX))
+            .adaptive_window(true)
+            .max_concurrent_streams(1024);
+        Self { http1: h1, http2: h2 }
+    }
+}
