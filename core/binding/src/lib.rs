@@ -8,6 +8,11 @@ use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 
+// The data plane allocates per request and per frame; mimalloc's thread-local heaps
+// keep that cheap on every worker thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 create_exception!(_core, CoreError, PyException, "Base class of the data plane's errors.");
 create_exception!(_core, CoreConfigError, CoreError, "The data plane refused a configuration.");
 create_exception!(_core, ListenError, CoreError, "A listener could not bind its address.");
@@ -39,6 +44,10 @@ impl Proxy {
     fn reload(&self, py: Python<'_>, config_json: &str) -> PyResult<u64> {
         let config = Config::from_json(config_json).map_err(to_py)?;
         py.detach(|| self.core.reload(config)).map_err(to_py)
+    }
+
+    fn record_reload_failure(&self) {
+        self.core.record_reload_failure();
     }
 
     #[getter]

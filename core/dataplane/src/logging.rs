@@ -1,5 +1,7 @@
 //! Logs go to stderr through `tracing`, at a level chosen by the caller once.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 /// Installs the stderr logger; later calls keep the first logger.

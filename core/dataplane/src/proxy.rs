@@ -153,6 +153,12 @@ impl Proxy {
         Ok(version)
     }
 
+    /// Counts a reload refused before it reached the core (bad YAML, failed
+    /// validation; the caller logs why), so the reload metrics tell the whole story.
+    pub fn record_reload_failure(&self) {
+        self.shared.registry.reloads_failed.fetch_add(1, Relaxed);
+    }
+
     pub fn version(&self) -> u64 {
         self.shared.snapshot.load().version
     }

@@ -1,0 +1,186 @@
+"""Run the Rust data plane from a config file: start, hot reload, graceful shutdown."""
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType, TracebackType
+
+from . import _core
+from .config import SidecarConfig, _read_file, loads_config
+from .errors import ConfigError, ListenError, MeshpyError
+
+__all__ = ["Sidecar"]
+
+log = logging.getLogger("meshpy.proxy")
+
+_POLL_INTERVAL = 0.5  # seconds between looks at the config file
+_TICK = 0.05  # the main loop's sleep, short so signals are acted on promptly
+
+
+@contextlib.contextmanager
+def _core_errors(source: str) -> Iterator[None]:
+    """Map the core's exceptions onto meshpy's, in this one place."""
+    try:
+        yield
+    except _core.CoreConfigError as exc:
+        raise ConfigError([str(exc)], source) from exc
+    except _core.ListenError as exc:
+        raise ListenError(str(exc)) from exc
+    except _core.CoreError as exc:
+        raise MeshpyError(str(exc)) from exc
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()
+
+
+class Sidecar:
+    """One proxy serving the config file at `path`, reloadable while it runs.
+
+    Construction binds every listener and starts serving; it raises ConfigError for a bad
+    config and ListenError when an address cannot be bound.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], workers: int | None = None) -> None:
+        self.path = Path(path)
+        data = _read_file(self.path)
+        self._config = self._parse(data)
+        self._seen = _digest(data)  # the content last applied or rejected
+        self._stat = self._stat_key()
+        with _core_errors(str(self.path)):
+            self._proxy = _core.Proxy(self._config.to_core_json(), workers)
+
+    @property
+    def config(self) -> SidecarConfig:
+        """The config currently in force."""
+        return self._config
+
+    @property
+    def version(self) -> int:
+        """Starts at the core's first version and grows by one per applied reload."""
+        return self._proxy.version
+
+    @property
+    def addresses(self) -> dict[str, str]:
+        """Listener name -> bound "ip:port", with the admin listener under "admin"."""
+        return self._proxy.addresses()
+
+    def is_running(self) -> bool:
+        return self._proxy.is_running()
+
+    def reload(self) -> bool:
+        """Re-read the file and apply it; on any error log it and keep the current config."""
+        try:
+            data = _read_file(self.path)
+        except ConfigError as exc:
+            log.error("config reload failed, keeping version %d:\n%s", self.version, exc)
+            return False
+        return self._apply(data)
+
+    def shutdown(self, drain_timeout: float = 5.0) -> None:
+        """Stop accepting, give in-flight requests up to `drain_timeout` seconds, then stop."""
+        if self._proxy.is_running():
+            with _core_errors(str(self.path)):
+                self._proxy.shutdown(drain_timeout)
+
+    def run(self, drain_timeout: float) -> int:
+        """Serve until SIGTERM or SIGINT, reloading on SIGHUP and when the file changes.
+
+        Must be called from the main thread (signal handlers). Returns the exit status.
+        """
+        pending: set[str] = set()  # what the signal handlers asked for, acted on below
+
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            pending.add("reload" if signum == signal.SIGHUP else "stop")
+
+        signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+        try:
+            print(f"meshpy proxy ready: {self._describe_addresses()}", flush=True)
+            next_poll = time.monotonic() + _POLL_INTERVAL
+            while "stop" not in pending:
+                if "reload" in pending:
+                    pending.discard("reload")
+                    self.reload()
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + _POLL_INTERVAL
+                    self._poll()
+                if not self._proxy.is_running():
+                    log.error("the proxy stopped unexpectedly")
+                    return 1
+                time.sleep(_TICK)
+            log.info("shutting down, draining for up to %gs", drain_timeout)
+            self.shutdown(drain_timeout)
+            return 0
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+    def __enter__(self) -> "Sidecar":
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.shutdown()
+
+    def _parse(self, data: bytes) -> SidecarConfig:
+        return loads_config(data, base_dir=self.path.parent, source=str(self.path))
+
+    def _apply(self, data: bytes) -> bool:
+        # Remember rejected content too, so polling does not retry (and re-log) the same bytes.
+        self._seen = _digest(data)
+        before = self.addresses
+        try:
+            config = self._parse(data)
+        except MeshpyError as exc:
+            # Refused before reaching the core: count it there so metrics see every refusal.
+            self._proxy.record_reload_failure()
+            log.error("config rejected, keeping version %d:\n%s", self.version, exc)
+            return False
+        try:
+            with _core_errors(str(self.path)):
+                version = self._proxy.reload(config.to_core_json())
+        except MeshpyError as exc:
+            log.error("config rejected, keeping version %d:\n%s", self.version, exc)
+            return False
+        self._config = config
+        log.info("config version %d applied", version)
+        if self.addresses != before:
+            log.info("listening: %s", self._describe_addresses())
+        return True
+
+    def _stat_key(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _poll(self) -> None:
+        """Reload when the file's content changed; a touch or a rewrite with equal bytes is not."""
+        key = self._stat_key()
+        if key is None or key == self._stat:
+            return  # unchanged, or briefly missing while an editor replaces it
+        try:
+            data = self.path.read_bytes()
+        except OSError:
+            return
+        self._stat = key
+        if _digest(data) != self._seen:
+            self._apply(data)
+
+    def _describe_addresses(self) -> str:
+        # Config order, then admin: the order users wrote them in.
+        order = [listener.name for listener in self._config.listeners] + ["admin"]
+        addresses = self.addresses
+        names = sorted(addresses, key=lambda n: order.index(n) if n in order else len(order))
+        return " ".join(f"{name}={addresses[name]}" for name in names)
