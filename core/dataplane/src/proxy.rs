@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
-use tokio::runtime::{Handle, Runtime};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 
 use crate::config::Config;
@@ -44,9 +44,46 @@ struct AcceptLoop {
     stop: watch::Sender<bool>,
 }
 
+/// One data-plane thread running its own single-threaded runtime. Connections stay
+/// on the thread that accepted them: no work stealing, no cross-thread wakeups.
+struct Worker {
+    handle: Handle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Worker {
+    fn spawn(index: usize) -> Result<Self, Error> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Listen(format!("cannot start a worker runtime: {e}")))?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("meshpy-worker-{index}"))
+            .spawn(move || {
+                let _ = runtime.block_on(stopped);
+                runtime.shutdown_timeout(Duration::from_millis(100));
+            })
+            .map_err(|e| Error::Listen(format!("cannot start a worker thread: {e}")))?;
+        Ok(Self { handle, stop: Some(stop), thread: Some(thread) })
+    }
+
+    fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 pub struct Proxy {
-    /// Taken by shutdown; `handle` drives the runtime until then.
-    runtime: Mutex<Option<Runtime>>,
+    /// Emptied by shutdown.
+    workers: Mutex<Vec<Worker>>,
+    /// Runs control work (binding, draining) on the first worker.
     handle: Handle,
     shared: Arc<Shared>,
     loops: Mutex<HashMap<String, AcceptLoop>>,
@@ -55,18 +92,14 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Builds the runtime with `workers` threads, binds every listener and starts
-    /// serving. Returns once all sockets are bound.
+    /// Starts `workers` data-plane threads, binds every listener and starts serving.
+    /// Returns once all sockets are bound.
     pub fn start(config: Config, workers: usize) -> Result<Self, Error> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(workers.max(1))
-            .thread_name("meshpy-worker")
-            .enable_all()
-            .build()
-            .map_err(|e| Error::Listen(format!("cannot start the runtime: {e}")))?;
+        let workers = (0..workers.max(1)).map(Worker::spawn).collect::<Result<Vec<_>, _>>()?;
+        let handle = workers[0].handle.clone();
         let registry = Registry::default();
         let snapshot = {
-            let _entered = runtime.enter();
+            let _entered = handle.enter();
             Snapshot::build(config, 1, None, &registry)?
         };
         let shared = Arc::new(Shared {
@@ -76,8 +109,8 @@ impl Proxy {
             bound: Mutex::new(HashMap::new()),
         });
         let proxy = Self {
-            handle: runtime.handle().clone(),
-            runtime: Mutex::new(Some(runtime)),
+            handle,
+            workers: Mutex::new(workers),
             shared,
             loops: Mutex::new(HashMap::new()),
             reload_lock: Mutex::new(()),
@@ -120,8 +153,7 @@ impl Proxy {
             if loops.contains_key(key) {
                 continue;
             }
-            let bound = self.handle.block_on(TcpListener::bind(listener.listen.as_str()));
-            let socket = bound.map_err(|e| {
+            let socket = bind(&listener.listen).map_err(|e| {
                 Error::Listen(format!(
                     "listener \"{}\": cannot listen on {}: {e}",
                     listener.name, listener.listen
@@ -138,9 +170,20 @@ impl Proxy {
             if let Ok(addr) = socket.local_addr() {
                 bound.insert(key.clone(), addr);
             }
+            // Every worker accepts on the same socket; whichever wakes first serves.
             let (stop, stopped) = watch::channel(false);
-            self.handle.spawn(accept_loop(socket, key.clone().into(), self.shared.clone(), stopped));
-            loops.insert(key, AcceptLoop { stop });
+            let key: Arc<str> = key.into();
+            for worker in self.workers.lock().unwrap().iter() {
+                let Ok(socket) = socket.try_clone() else { continue };
+                let (key, shared, stopped) = (key.clone(), self.shared.clone(), stopped.clone());
+                worker.handle.spawn(async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(socket) => accept_loop(socket, key, shared, stopped).await,
+                        Err(e) => tracing::error!(listener = %key, error = %e, "cannot register listener"),
+                    }
+                });
+            }
+            loops.insert(key.to_string(), AcceptLoop { stop });
         }
         loops.retain(|key, accept| {
             let kept = keep.contains(key);
@@ -168,21 +211,26 @@ impl Proxy {
     }
 
     pub fn is_running(&self) -> bool {
-        self.runtime.lock().unwrap().is_some()
+        !self.workers.lock().unwrap().is_empty()
     }
 
     /// Stops accepting, lets open connections finish up to `deadline`, then stops
     /// the runtime. Blocks the calling thread.
     pub fn shutdown(&self, deadline: Duration) {
-        let Some(runtime) = self.runtime.lock().unwrap().take() else { return };
+        let mut workers = std::mem::take(&mut *self.workers.lock().unwrap());
+        if workers.is_empty() {
+            return;
+        }
         for (_, accept) in self.loops.lock().unwrap().drain() {
             accept.stop.send_replace(true);
         }
-        let left = runtime.block_on(self.shared.drain.drain(deadline));
+        let left = self.handle.block_on(self.shared.drain.drain(deadline));
         if left > 0 {
             tracing::warn!(connections = left, "drain deadline reached; closing remaining connections");
         }
-        runtime.shutdown_timeout(Duration::from_millis(100));
+        for worker in &mut workers {
+            worker.stop();
+        }
     }
 }
 
@@ -199,4 +247,17 @@ fn empty_snapshot() -> Snapshot {
         listeners: HashMap::new(),
         clusters: HashMap::new(),
     }
+}
+
+/// Binds a listening socket the way servers should: address reuse for quick
+/// restarts (not port sharing), non-blocking, a deep accept backlog.
+fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
+    let addr: SocketAddr =
+        listen.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected ip:port"))?;
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
 }
