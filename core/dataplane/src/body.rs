@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use crate::balance::InFlight;
+use crate::pool::Checkout;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -27,20 +28,15 @@ impl fmt::Display for BodyTooLarge {
 impl StdError for BodyTooLarge {}
 
 /// The downstream request body on its way upstream, cut off past the size limit.
-/// `None` stands for an empty body, used when a bodiless request is retried.
 pub struct RequestBody {
-    inner: Option<Incoming>,
+    inner: Incoming,
     limit: Option<u64>,
     seen: u64,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
-        Self { inner: Some(inner), limit, seen: 0 }
-    }
-
-    pub fn empty() -> Self {
-        Self { inner: None, limit: None, seen: 0 }
+        Self { inner, limit, seen: 0 }
     }
 }
 
@@ -53,8 +49,7 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
                     this.seen += data.len() as u64;
@@ -71,11 +66,11 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.as_ref().map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
+        self.inner.size_hint()
     }
 }
 
@@ -88,14 +83,22 @@ pin_project! {
             inner: Incoming,
             // Keeps the endpoint's request counted as in flight until the body ends.
             in_flight: Option<InFlight>,
+            // The HTTP/1.1 connection, returned to its pool once the body has ended.
+            checkout: Option<Checkout>,
         },
         Local { data: Option<Bytes> },
     }
 }
 
 impl ResponseBody {
-    pub fn upstream(inner: Incoming, in_flight: InFlight) -> Self {
-        Self::Upstream { inner, in_flight: Some(in_flight) }
+    pub fn upstream(inner: Incoming, in_flight: InFlight, mut checkout: Option<Checkout>) -> Self {
+        // An empty body may never be polled: the connection is free already.
+        if inner.is_end_stream() {
+            if let Some(free) = checkout.take() {
+                free.release();
+            }
+        }
+        Self::Upstream { inner, in_flight: Some(in_flight), checkout }
     }
 
     pub fn local(data: impl Into<Bytes>) -> Self {
@@ -113,10 +116,25 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
-            ResponseBodyProj::Upstream { inner, in_flight } => {
-                let poll = inner.poll_frame(cx);
-                if matches!(poll, Poll::Ready(None | Some(Err(_)))) {
+            ResponseBodyProj::Upstream { mut inner, in_flight, checkout } => {
+                let poll = inner.as_mut().poll_frame(cx);
+                // Readers that know the length stop polling after the last byte, so
+                // the end is noticed here rather than waiting for a final `None`.
+                let ended = match &poll {
+                    Poll::Ready(None) => true,
+                    Poll::Ready(Some(Ok(_))) => inner.is_end_stream(),
+                    Poll::Ready(Some(Err(_))) => {
+                        in_flight.take();
+                        checkout.take();
+                        false
+                    }
+                    Poll::Pending => false,
+                };
+                if ended {
                     in_flight.take();
+                    if let Some(free) = checkout.take() {
+                        free.release();
+                    }
                 }
                 poll.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
             }

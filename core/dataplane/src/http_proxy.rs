@@ -19,6 +19,7 @@ use crate::balance::InFlight;
 use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
 use crate::drain::DrainGuard;
 use crate::io::ConnState;
+use crate::pool::{Checkout, SendError};
 use crate::proxy::Shared;
 use crate::routing::request_host;
 use crate::snapshot::{Kind, Listener, Route};
@@ -98,75 +99,78 @@ async fn forward(
     prepare_request_headers(&mut parts.headers, &parts.uri, ctx, downstream_upgrade.is_some());
 
     let cluster = &route.cluster;
-    let (client, upstream_http2) = if downstream_upgrade.is_some() {
-        (cluster.http1_client(), false)
+    let upgrading = downstream_upgrade.is_some();
+    let upstream_http2 = !upgrading && cluster.upstream_http2(downstream_http2);
+    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    parts.uri = if upstream_http2 {
+        // HTTP/2 carries the host as :authority; a Host header beside it would conflict.
+        let host = parts.headers.remove(header::HOST);
+        let authority = host.as_ref().and_then(|h| h.to_str().ok()).unwrap_or("localhost");
+        Uri::try_from(format!("http://{authority}{path_and_query}"))
     } else {
-        cluster.client(downstream_http2)
-    };
-    let body = RequestBody::new(body, listener.max_body_bytes);
-    // A request with no body can be sent again to another endpoint when the first
-    // refuses the connection: nothing reached the upstream yet.
-    let mut retry = (body.is_end_stream() && cluster.balancer.endpoints().len() > 1)
-        .then(|| (parts.method.clone(), parts.headers.clone()));
-    let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
-    let mut request = Request::from_parts(parts, body);
-    *request.version_mut() = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+        Uri::try_from(path_and_query)
+    }
+    .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
+    parts.version = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+    let mut request = Request::from_parts(parts, RequestBody::new(body, listener.max_body_bytes));
+
+    // A refused connection means nothing reached the upstream, so the request (body
+    // included) can go to another endpoint: one more try, like Envoy's connect-failure retry.
     let mut exclude = None;
-    loop {
-        let (index, in_flight) = cluster
-            .balancer
-            .pick(exclude)
-            .ok_or_else(|| ProxyError::NoEndpoint(cluster.name().to_owned()))?;
-        let endpoint = &in_flight.endpoint().address;
-        *request.uri_mut() = upstream_uri(endpoint, &path_and_query)?;
-        let sending = client.request(request);
+    let mut refused: Option<(String, String)> = None;
+    for _ in 0..2 {
+        let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
+        let sending = cluster.pool(index).send(request, upstream_http2, upgrading);
         let result = match route.timeout {
-            Some(limit) => match tokio::time::timeout(limit, sending).await {
-                Ok(result) => result,
-                Err(_) => {
-                    return Err(ProxyError::Timeout { cluster: cluster.name().to_owned(), after: limit })
-                }
-            },
+            Some(limit) => tokio::time::timeout(limit, sending)
+                .await
+                .map_err(|_| ProxyError::Timeout { cluster: cluster.name().to_owned(), after: limit })?,
             None => sending.await,
         };
+        let endpoint = in_flight.endpoint().address.clone();
         match result {
-            Ok(response) => {
+            Ok((response, checkout)) => {
                 in_flight.observe_latency();
                 let downstream_upgrade = downstream_upgrade.map(|u| (u, ctx.shared.drain.guard()));
-                return Ok(finish_response(response, in_flight, downstream_version, downstream_upgrade));
+                return Ok(finish_response(
+                    response,
+                    in_flight,
+                    checkout,
+                    downstream_version,
+                    downstream_upgrade,
+                ));
             }
-            Err(e) if e.is_connect() => {
+            Err(SendError::Connect { cause, request: unsent }) => {
                 cluster.balancer.eject(in_flight.endpoint());
-                let error = ProxyError::Connect {
-                    cluster: cluster.name().to_owned(),
-                    endpoint: endpoint.clone(),
-                    cause: chain(&e),
-                };
-                let Some((method, headers)) = retry.take() else { return Err(error) };
-                tracing::debug!(%error, "retrying on another endpoint");
-                request = Request::new(RequestBody::empty());
-                *request.method_mut() = method;
-                *request.headers_mut() = headers;
-                *request.version_mut() = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
+                tracing::debug!(cluster = cluster.name(), %endpoint, %cause, "connect failed");
+                refused = Some((endpoint, cause));
+                request = *unsent;
                 exclude = Some(index);
             }
-            Err(e) => {
+            Err(SendError::Upstream(e)) => {
                 if let Some(too_large) = find_cause::<BodyTooLarge>(&e) {
                     return Err(ProxyError::TooLarge(too_large.0));
                 }
                 return Err(ProxyError::Upstream {
                     cluster: cluster.name().to_owned(),
-                    endpoint: endpoint.clone(),
+                    endpoint,
                     cause: chain(&e),
                 });
             }
         }
     }
+    Err(match refused {
+        Some((endpoint, cause)) => {
+            ProxyError::Connect { cluster: cluster.name().to_owned(), endpoint, cause }
+        }
+        None => ProxyError::NoEndpoint(cluster.name().to_owned()),
+    })
 }
 
 fn finish_response(
     response: Response<Incoming>,
     in_flight: InFlight,
+    checkout: Option<Checkout>,
     downstream_version: Version,
     downstream_upgrade: Option<(OnUpgrade, DrainGuard)>,
 ) -> Response<ResponseBody> {
@@ -183,7 +187,7 @@ fn finish_response(
             let (parts, _) = upstream.into_parts();
             Response::from_parts(parts, ResponseBody::local(Bytes::new()))
         }
-        _ => Response::from_parts(parts, ResponseBody::upstream(body, in_flight)),
+        _ => Response::from_parts(parts, ResponseBody::upstream(body, in_flight, checkout)),
     }
 }
 
@@ -199,14 +203,6 @@ async fn tunnel(downstream: OnUpgrade, upstream: OnUpgrade, in_flight: InFlight,
         }
         Err(e) => tracing::debug!(error = %e, "upgrade failed"),
     }
-}
-
-fn upstream_uri(endpoint: &str, path_and_query: &str) -> Result<Uri, ProxyError> {
-    let mut uri = String::with_capacity(7 + endpoint.len() + path_and_query.len());
-    uri.push_str("http://");
-    uri.push_str(endpoint);
-    uri.push_str(path_and_query);
-    uri.parse().map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))
 }
 
 static HOP_BY_HOP: [HeaderName; 4] = [

@@ -13,6 +13,7 @@ mod io;
 mod listener;
 mod logging;
 mod metrics;
+mod pool;
 mod proxy;
 mod routing;
 mod snapshot;

@@ -252,8 +252,9 @@ fn empty_snapshot() -> Snapshot {
 /// Binds a listening socket the way servers should: address reuse for quick
 /// restarts (not port sharing), non-blocking, a deep accept backlog.
 fn bind(listen: &str) -> std::io::Result<std::net::TcpListener> {
-    let addr: SocketAddr =
-        listen.parse().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected ip:port"))?;
+    let addr: SocketAddr = listen
+        .parse()
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected ip:port"))?;
     let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
     socket.set_nonblocking(true)?;
