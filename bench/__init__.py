@@ -1,0 +1,4 @@
+"""Benchmark harness: meshpy against no proxy, nginx and HAProxy on one machine.
+
+Run from the repository root with ``python -m bench``; see bench/README.md.
+"""

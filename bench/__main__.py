@@ -1,0 +1,430 @@
+"""``python -m bench``: meshpy, nginx and HAProxy against no proxy, in interleaved rounds."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from bench import load, peers, report
+from bench.report import SystemRuns
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
+BUSY_WARNING_PCT = 20.0
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Throughput (wrk, saturation) and optionally latency at a fixed rate "
+        "(h2load) of meshpy, nginx and HAProxy, each forwarding to the same nginx upstream, "
+        "against sending load to that upstream directly.",
+    )
+    parser.add_argument(
+        "--systems",
+        help=f"comma-separated subset of {','.join(peers.SYSTEMS)} (default: all; "
+        "meshpy is skipped with a warning if it is not importable)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="worker threads/processes of every proxy (default 1)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds per measured run (default 10)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of unmeasured load before each run (default 2)",
+    )
+    parser.add_argument(
+        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
+    )
+    parser.add_argument(
+        "--load-threads", type=int, default=1, help="wrk/h2load threads (default 1)"
+    )
+    parser.add_argument(
+        "--path",
+        choices=["/", peers.LARGE_PATH],
+        default="/",
+        help="request path: / is 100 B, /64k is 64 KiB (default /)",
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="also measure latency at this fixed total req/s with h2load (default 0: skip)",
+    )
+    parser.add_argument(
+        "--rate-connections",
+        type=int,
+        default=10,
+        help="h2load connections for --rate (default 10)",
+    )
+    parser.add_argument(
+        "--pin-upstream",
+        metavar="CPUS",
+        help="taskset CPU list for the upstream nginx (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-proxy",
+        metavar="CPUS",
+        help="taskset CPU list for the proxy under test (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-load", metavar="CPUS", help="taskset CPU list for wrk/h2load (default: not pinned)"
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        help="where results-<timestamp>.json goes (default bench/out)",
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="only say what to install if a tool is missing"
+    )
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
+    )
+    args = parser.parse_args(argv)
+    for name in ("threads", "rounds", "connections", "load_threads", "rate_connections"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.duration <= 0 or args.warmup < 0 or args.rate < 0:
+        parser.error("--duration must be positive; --warmup and --rate not negative")
+    return args
+
+
+def choose_systems(
+    args: argparse.Namespace, meshpy: dict[str, object] | None
+) -> tuple[list[str], str]:
+    """The systems to run, and a note on any that were skipped."""
+    if args.systems:
+        names = [name.strip() for name in args.systems.split(",") if name.strip()]
+        unknown = [name for name in names if name not in peers.SYSTEMS]
+        if unknown:
+            sys.exit(f"unknown systems: {', '.join(unknown)} (choose from {peers.SYSTEMS})")
+        if "meshpy" in names and meshpy is None:
+            sys.exit(
+                "meshpy is not importable here: `import meshpy._core` fails "
+                "(install it with `pip install -e .` from the repository root)"
+            )
+        return names, ""
+    if meshpy is None:
+        note = "meshpy skipped: `import meshpy._core` fails in this interpreter"
+        return [name for name in peers.SYSTEMS if name != "meshpy"], note
+    return list(peers.SYSTEMS), ""
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def workspace(keep: bool) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="meshpy-bench-"))
+    root.chmod(0o755)
+    try:
+        yield root
+    finally:
+        if keep:
+            print(f"kept {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def start_service(
+    stack: contextlib.ExitStack, service: peers.Service, path: str, size: int
+) -> None:
+    stack.callback(service.stop)
+    service.start()
+    peers.check_response(service.port, path, size)
+
+
+def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dict[str, Any]:
+    size = peers.LARGE_SIZE if args.path == peers.LARGE_PATH else len(peers.SMALL_BODY)
+    load_pin = peers.pin_prefix(args.pin_load)
+    script = load.write_wrk_script(root)
+    saturation = {name: SystemRuns(name) for name in names}
+    fixed_rate = {name: SystemRuns(name) for name in names}
+    logs: dict[str, str] = {}
+
+    with contextlib.ExitStack() as stack:
+        upstream = peers.upstream_nginx(root / "upstream", args.pin_upstream)
+        start_service(stack, upstream, args.path, size)
+        print(f"upstream nginx on port {upstream.port}", flush=True)
+
+        systems: list[peers.System] = []
+        for name in names:
+            system = peers.make_system(name, root, upstream.port, args.threads, args.pin_proxy)
+            if system.service is not None:
+                try:
+                    start_service(stack, system.service, args.path, size)
+                except peers.PeerError as exc:
+                    message = str(exc).splitlines()[0]
+                    print(f"{name}: did not start: {exc}", file=sys.stderr)
+                    saturation[name].failures.append(message)
+                    fixed_rate[name].failures.append(message)
+                    logs[name] = system.service.log_tail()
+                    continue
+                print(f"{name} on port {system.port}", flush=True)
+            systems.append(system)
+
+        for round_index in range(args.rounds):
+            shift = round_index % max(len(systems), 1)
+            order = systems[shift:] + systems[:shift]  # rotate the order every round
+            for system in order:
+                measure(
+                    args,
+                    system,
+                    round_index,
+                    script,
+                    load_pin,
+                    root,
+                    saturation[system.name],
+                    fixed_rate[system.name],
+                )
+        for system in systems:
+            if system.service is not None:
+                logs[system.name] = system.service.log_tail()
+
+    return {
+        "saturation": [saturation[name] for name in names],
+        "fixed_rate": [fixed_rate[name] for name in names] if args.rate else [],
+        "logs": logs,
+    }
+
+
+def measure(
+    args: argparse.Namespace,
+    system: peers.System,
+    round_index: int,
+    script: Path,
+    load_pin: list[str],
+    root: Path,
+    saturation: SystemRuns,
+    fixed_rate: SystemRuns,
+) -> None:
+    label = f"round {round_index + 1}/{args.rounds} {system.name:<8}"
+    url = system.url(args.path)
+    exit_code = system.service.proc.poll() if system.service and system.service.proc else None
+    if exit_code is not None:
+        reason = f"round {round_index + 1}: process had exited with code {exit_code}"
+        saturation.failures.append(reason)
+        if args.rate:
+            fixed_rate.failures.append(reason)
+        print(f"{label} skipped: {reason}", flush=True)
+        return
+    try:
+        if args.warmup:
+            warm = load.wrk_command(
+                url, args.load_threads, args.connections, args.warmup, script, load_pin
+            )
+            load.run_wrk(warm, args.warmup)
+        command = load.wrk_command(
+            url, args.load_threads, args.connections, args.duration, script, load_pin
+        )
+        result = load.run_wrk(command, args.duration)
+        saturation.runs.append(result)
+        print(
+            f"{label} saturation {result.rps:>12,.0f} req/s  p50 "
+            f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
+            f"{result.latency_us['p99'] / 1000:.3f} ms  errors {result.errors}  "
+            f"cpu busy {result.cpu['busy_pct']}% steal {result.cpu['steal_pct']}%",
+            flush=True,
+        )
+    except load.LoadError as exc:
+        saturation.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
+        print(f"{label} saturation failed: {exc}", file=sys.stderr, flush=True)
+
+    if not args.rate:
+        return
+    log_file = root / f"h2load-{system.name}-{round_index}.log"
+    command = load.h2load_command(
+        url,
+        args.load_threads,
+        args.rate_connections,
+        args.duration,
+        args.warmup,
+        args.rate,
+        log_file,
+        load_pin,
+    )
+    try:
+        result = load.run_h2load(
+            command, args.duration, args.warmup, args.rate, args.rate_connections, log_file
+        )
+    except (load.LoadError, OSError) as exc:
+        fixed_rate.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
+        print(f"{label} fixed rate failed: {exc}", file=sys.stderr, flush=True)
+        return
+    fixed_rate.runs.append(result)
+    print(
+        f"{label} fixed rate {result.rps:>12,.0f} req/s  p50 "
+        f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
+        f"{result.latency_us['p99'] / 1000:.3f} ms  >gap {result.extra['slower_than_gap']}  "
+        f"errors {result.errors}",
+        flush=True,
+    )
+
+
+def summarize(runs: list[SystemRuns]) -> list[dict[str, Any]]:
+    direct = next((r for r in runs if r.name == "direct" and r.runs), None)
+    baseline = direct.summary(None)["rps_median"] if direct else None
+    return [r.summary(baseline) for r in runs]
+
+
+def describe_meshpy(meshpy: dict[str, object] | None) -> str:
+    if meshpy is None:
+        return "not importable"
+    debug = "with debug info" if meshpy["debug_info"] else "no debug info"
+    return f"{meshpy['version']} ({meshpy['extension']}, {meshpy['extension_mib']} MiB, {debug})"
+
+
+def header(
+    args: argparse.Namespace,
+    command_line: str,
+    machine: dict[str, Any],
+    meshpy: dict[str, object] | None,
+    revision: str | None,
+    pinning: dict[str, str],
+    skipped: str,
+) -> list[str]:
+    cpu = machine["cpu_before_start"]
+    loadavg = " ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
+    lines = [
+        f"command: {command_line}",
+        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, {machine['kernel']}, "
+        f"loadavg {loadavg}, CPU busy before start {cpu['busy_pct']}%",
+        f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}",
+        f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
+        f"(+{args.warmup:g}s warm-up), path {args.path}; proxy threads {args.threads}; "
+        f"rounds {args.rounds}; CPU pinning upstream={pinning['upstream']} "
+        f"proxy={pinning['proxy']} load={pinning['load']}",
+    ]
+    if skipped:
+        lines.append(f"warning: {skipped}")
+    if meshpy is not None and meshpy["debug_info"]:
+        lines.append(
+            "warning: meshpy's extension carries debug info, so it is most likely a debug "
+            "build (e.g. from `maturin develop` without --release); its numbers say little "
+            "about a release build"
+        )
+    if cpu["busy_pct"] + cpu["steal_pct"] > BUSY_WARNING_PCT:
+        lines.append(
+            f"warning: the machine was already {cpu['busy_pct']}% busy "
+            f"({cpu['steal_pct']}% stolen) before the benchmark started; "
+            "its numbers will be low and noisy"
+        )
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    command_line = shlex.join(["python", "-m", "bench", *argv])
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    signal.signal(signal.SIGHUP, _raise_interrupt)
+
+    try:
+        peers.ensure_tools(install=not args.no_install)
+    except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    meshpy = peers.meshpy_info()
+    names, skipped = choose_systems(args, meshpy)
+
+    machine = report.machine_info()
+    revision = report.git_revision(REPO)
+    pinning = {
+        "upstream": args.pin_upstream or "none",
+        "proxy": args.pin_proxy or "none",
+        "load": args.pin_load or "none",
+    }
+    started = time.strftime("%Y%m%d-%H%M%S")
+    print("\n".join(header(args, command_line, machine, meshpy, revision, pinning, skipped)))
+    print(flush=True)
+
+    interrupted = False
+    results: dict[str, Any] = {"saturation": [], "fixed_rate": [], "logs": {}}
+    with workspace(args.keep_tmp) as root:
+        try:
+            results = run_benchmark(args, names, root)
+        except KeyboardInterrupt:
+            interrupted = True
+            print("\ninterrupted: all child processes stopped", file=sys.stderr)
+        except peers.PeerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    if interrupted:
+        return 130
+
+    meshpy_changed = meshpy is not None and peers.meshpy_info() != meshpy
+    if meshpy_changed:
+        print(
+            "warning: meshpy's extension changed on disk during the run; "
+            "its numbers may mix two builds",
+            file=sys.stderr,
+        )
+    saturation = summarize(results["saturation"])
+    fixed_rate = summarize(results["fixed_rate"])
+    print()
+    print(
+        f"Throughput at saturation (medians over {args.rounds} round(s); latency at saturation "
+        "is mostly queueing):"
+    )
+    print(report.saturation_table(saturation))
+    if fixed_rate:
+        print()
+        print(
+            f"Latency at a fixed {args.rate:g} req/s (h2load, {args.rate_connections} connections, "
+            f"medians over {args.rounds} round(s); >gap counts responses slow enough to delay "
+            "the next request):"
+        )
+        print(report.fixed_rate_table(fixed_rate))
+
+    document = {
+        "command": command_line,
+        "started": started,
+        "machine": machine,
+        "tools": peers.tool_versions(),
+        "meshpy": meshpy,
+        "meshpy_changed_during_run": meshpy_changed,
+        "revision": revision,
+        "skipped": skipped or None,
+        "settings": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()
+        },
+        "cpu_pinning": pinning,
+        "saturation": {
+            "summary": saturation,
+            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["saturation"]},
+        },
+        "fixed_rate": {
+            "summary": fixed_rate,
+            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["fixed_rate"]},
+        },
+        "proxy_logs": results["logs"],
+    }
+    out = args.out_dir / f"results-{started}.json"
+    report.write_json(out, document)
+    print(f"\nresults: {out}")
+    failed = any(s["failures"] for s in saturation + fixed_rate)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

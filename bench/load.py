@@ -1,0 +1,264 @@
+"""Load generation: wrk for throughput at saturation, h2load for latency at a fixed rate."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+# wrk calls done() once at the end; without request()/response() hooks wrk keeps its fast path.
+# Latencies are printed in microseconds, unrounded, instead of wrk's formatted text.
+WRK_SCRIPT = r"""
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH-JSON {\"requests\": %d, \"duration_us\": %d, \"bytes\": %d, " ..
+    "\"errors\": {\"connect\": %d, \"read\": %d, \"write\": %d, \"status\": %d, " ..
+    "\"timeout\": %d}, \"latency_us\": {\"mean\": %.1f, \"stdev\": %.1f, \"p50\": %.1f, " ..
+    "\"p90\": %.1f, \"p99\": %.1f, \"p99.9\": %.1f, \"max\": %.1f}}\n",
+    summary.requests, summary.duration, summary.bytes,
+    e.connect, e.read, e.write, e.status, e.timeout,
+    latency.mean, latency.stdev, latency:percentile(50), latency:percentile(90),
+    latency:percentile(99), latency:percentile(99.9), latency.max))
+end
+"""
+
+MARKER = "BENCH-JSON "
+
+
+class LoadError(RuntimeError):
+    """A load generator failed or printed something unexpected."""
+
+
+@dataclass
+class CpuSample:
+    """Aggregate CPU time counters from /proc/stat, in clock ticks."""
+
+    busy: int
+    idle: int
+    steal: int
+
+    @classmethod
+    def now(cls) -> CpuSample:
+        with open("/proc/stat") as stat:
+            fields = [int(x) for x in stat.readline().split()[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+        fields += [0] * (8 - len(fields))
+        idle = fields[3] + fields[4]
+        steal = fields[7]
+        busy = sum(fields[:8]) - idle - steal
+        return cls(busy, idle, steal)
+
+    def usage_since(self, start: CpuSample) -> dict[str, float]:
+        """Percent of all CPU time between ``start`` and now that was busy, idle or stolen."""
+        busy, idle, steal = self.busy - start.busy, self.idle - start.idle, self.steal - start.steal
+        total = max(busy + idle + steal, 1)
+        return {
+            "busy_pct": round(100 * busy / total, 1),
+            "idle_pct": round(100 * idle / total, 1),
+            "steal_pct": round(100 * steal / total, 1),
+        }
+
+
+@dataclass
+class LoadResult:
+    """One measurement of one system."""
+
+    tool: str
+    command: list[str]
+    requests: int
+    duration_s: float
+    rps: float
+    errors: int
+    latency_us: dict[str, float]
+    cpu: dict[str, float] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise LoadError(f"{argv[0]} did not finish within {timeout:.0f}s") from exc
+    if done.returncode != 0:
+        raise LoadError(f"{' '.join(argv)} exited {done.returncode}\n{done.stdout}{done.stderr}")
+    return done
+
+
+# --------------------------------------------------------------------------- wrk
+
+
+def write_wrk_script(directory: Path) -> Path:
+    path = directory / "report.lua"
+    path.write_text(WRK_SCRIPT)
+    return path
+
+
+def wrk_command(
+    url: str, threads: int, connections: int, duration: float, script: Path, pin: list[str]
+) -> list[str]:
+    return [
+        *pin,
+        "wrk",
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{duration:g}s",
+        "--latency",
+        "-s",
+        str(script),
+        url,
+    ]
+
+
+def parse_wrk(output: str) -> dict[str, Any]:
+    """The JSON object that ``WRK_SCRIPT`` prints at the end of a wrk run."""
+    for line in output.splitlines():
+        if line.startswith(MARKER):
+            return dict(json.loads(line[len(MARKER) :]))
+    raise LoadError(f"no {MARKER.strip()} line in wrk output:\n{output}")
+
+
+def run_wrk(argv: list[str], duration: float) -> LoadResult:
+    start = CpuSample.now()
+    done = _run(argv, timeout=duration + 60)
+    cpu = CpuSample.now().usage_since(start)
+    data = parse_wrk(done.stdout)
+    seconds = data["duration_us"] / 1e6
+    errors = dict(data["errors"])
+    return LoadResult(
+        tool="wrk",
+        command=argv,
+        requests=int(data["requests"]),
+        duration_s=round(seconds, 3),
+        rps=round(data["requests"] / seconds, 1) if seconds else 0.0,
+        errors=sum(errors.values()),
+        latency_us=dict(data["latency_us"]),
+        cpu=cpu,
+        extra={"errors_by_kind": errors, "bytes": data["bytes"]},
+    )
+
+
+# --------------------------------------------------------------------------- h2load
+
+
+def h2load_command(
+    url: str,
+    threads: int,
+    connections: int,
+    duration: float,
+    warmup: float,
+    rate: float,
+    log_file: Path,
+    pin: list[str],
+) -> list[str]:
+    """h2load over HTTP/1.1 sending ``rate`` requests/s in total, spread over all connections."""
+    per_connection = rate / connections
+    return [
+        *pin,
+        "h2load",
+        "--h1",
+        "-t",
+        str(min(threads, connections)),
+        "-c",
+        str(connections),
+        "-D",
+        f"{duration:g}",
+        "--warm-up-time",
+        f"{warmup:g}",
+        "--rps",
+        f"{per_connection:g}",
+        "--log-file",
+        str(log_file),
+        url,
+    ]
+
+
+_REQUESTS_RE = re.compile(
+    r"requests: (?P<total>\d+) total, (?P<started>\d+) started, (?P<done>\d+) done, "
+    r"(?P<succeeded>\d+) succeeded, (?P<failed>\d+) failed, (?P<errored>\d+) errored, "
+    r"(?P<timeout>\d+) timeout"
+)
+
+
+def parse_h2load_summary(output: str) -> dict[str, int]:
+    match = _REQUESTS_RE.search(output)
+    if match is None:
+        raise LoadError(f"no request summary in h2load output:\n{output}")
+    return {key: int(value) for key, value in match.groupdict().items()}
+
+
+def parse_h2load_log(text: str) -> tuple[list[float], int]:
+    """Per-request latencies (µs) and the count of non-2xx responses from ``--log-file``.
+
+    Each line is ``<start µs since epoch>\\t<status>\\t<µs until the response ended>``;
+    status -1 marks a request that failed without a response.
+    """
+    latencies: list[float] = []
+    bad_status = 0
+    for line in text.splitlines():
+        parts = line.split("\t")
+        if len(parts) != 3:
+            continue
+        status, latency = int(parts[1]), float(parts[2])
+        if not 200 <= status < 300:
+            bad_status += 1
+            continue
+        latencies.append(latency)
+    return latencies, bad_status
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    """Nearest-rank percentile of an ascending list (0.0 if empty)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(pct / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def run_h2load(
+    argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
+) -> LoadResult:
+    start = CpuSample.now()
+    done = _run(argv, timeout=duration + warmup + 60)
+    cpu = CpuSample.now().usage_since(start)
+    summary = parse_h2load_summary(done.stdout)
+    latencies, bad_status = parse_h2load_log(log_file.read_text())
+    log_file.unlink()
+    latencies.sort()
+    # h2load times a request from when it is written, and a connection carries one request at a
+    # time. A response slower than the gap between scheduled requests on its connection delays
+    # the next one, and that wait is not counted (coordinated omission). Count such responses:
+    # when there are none, the percentiles are free of it.
+    gap_us = 1e6 * connections / rate
+    late = sum(1 for value in latencies if value > gap_us)
+    n = len(latencies)
+    return LoadResult(
+        tool="h2load",
+        command=argv,
+        requests=n,
+        duration_s=duration,
+        rps=round(n / duration, 1),
+        errors=summary["failed"] + summary["errored"] + summary["timeout"] + bad_status,
+        latency_us={
+            "mean": round(sum(latencies) / n, 1) if n else 0.0,
+            "p50": percentile(latencies, 50),
+            "p90": percentile(latencies, 90),
+            "p99": percentile(latencies, 99),
+            "p99.9": percentile(latencies, 99.9),
+            "max": latencies[-1] if n else 0.0,
+        },
+        cpu=cpu,
+        extra={
+            "target_rps": rate,
+            "gap_us": round(gap_us, 1),
+            "slower_than_gap": late,
+            "h2load_requests": summary,
+        },
+    )

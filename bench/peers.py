@@ -1,0 +1,424 @@
+"""The processes a benchmark talks to: the upstream, the proxies under test, their configs.
+
+Every process is started in its own directory and its own session (process group), so that
+``Service.stop`` ends it together with any workers it forked.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HOST = "127.0.0.1"
+SMALL_BODY = b"x" * 99 + b"\n"  # 100 bytes
+LARGE_PATH = "/64k"
+LARGE_SIZE = 64 * 1024
+
+# Executable -> Debian package that provides it.
+TOOLS: dict[str, str] = {
+    "nginx": "nginx-light",
+    "haproxy": "haproxy",
+    "wrk": "wrk",
+    "h2load": "nghttp2-client",
+}
+
+SYSTEMS = ("direct", "meshpy", "nginx", "haproxy")
+
+
+class PeerError(RuntimeError):
+    """A peer is missing, misconfigured, or did not start."""
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def missing_tools() -> list[str]:
+    return [tool for tool in TOOLS if shutil.which(tool) is None]
+
+
+def ensure_tools(install: bool) -> None:
+    """Make sure nginx, haproxy, wrk and h2load are on PATH, installing them if allowed."""
+    missing = missing_tools()
+    if not missing:
+        return
+    packages = sorted({TOOLS[tool] for tool in missing})
+    command = ["apt-get", "install", "-y", *packages]
+    can_install = install and os.geteuid() == 0 and shutil.which("apt-get") is not None
+    if not can_install:
+        raise PeerError(
+            f"missing tools: {', '.join(missing)}; install them with:\n"
+            f"  sudo apt-get update && sudo {' '.join(command)}"
+        )
+    print(f"installing {' '.join(packages)} ...", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update"], check=True, env=env)
+    subprocess.run(command, check=True, env=env)
+    still_missing = missing_tools()
+    if still_missing:
+        raise PeerError(f"still missing after install: {', '.join(still_missing)}")
+
+
+def tool_versions() -> dict[str, str]:
+    probes = {
+        "nginx": ["nginx", "-v"],
+        "haproxy": ["haproxy", "-v"],
+        "wrk": ["wrk", "-v"],
+        "h2load": ["h2load", "--version"],
+    }
+    versions: dict[str, str] = {}
+    for name, argv in probes.items():
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            versions[name] = "unavailable"
+            continue
+        text = (done.stdout + done.stderr).strip()
+        versions[name] = text.splitlines()[0] if text else "unknown"
+    return versions
+
+
+def meshpy_info() -> dict[str, object] | None:
+    """meshpy's version and extension build if ``meshpy._core`` imports here, else None."""
+    code = (
+        "import meshpy, meshpy._core as core; "
+        "print(getattr(meshpy, '__version__', 'unknown')); print(core.__file__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        return None
+    version, extension = done.stdout.strip().splitlines()[-2:]
+    path = Path(extension)
+    return {
+        "version": version,
+        "extension": path.name,
+        "extension_mib": round(path.stat().st_size / 2**20, 1),
+        "extension_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(path.stat().st_mtime)),
+        "debug_info": "debug_info" in elf_section_names(path),
+    }
+
+
+def elf_section_names(path: Path) -> set[str]:
+    """Section names of a 64-bit little-endian ELF file (empty if it is not one)."""
+    with path.open("rb") as elf:
+        head = elf.read(64)
+        if head[:4] != b"\x7fELF" or head[4] != 2 or head[5] != 1:
+            return set()
+        shoff = int.from_bytes(head[0x28:0x30], "little")
+        shentsize, shnum, shstrndx = (
+            int.from_bytes(head[i : i + 2], "little") for i in (0x3A, 0x3C, 0x3E)
+        )
+        elf.seek(shoff)
+        table = elf.read(shentsize * shnum)
+        headers = [table[i * shentsize : (i + 1) * shentsize] for i in range(shnum)]
+        strings = headers[shstrndx]
+        elf.seek(int.from_bytes(strings[0x18:0x20], "little"))
+        names = elf.read(int.from_bytes(strings[0x20:0x28], "little"))
+    result = set()
+    for header in headers:
+        start = int.from_bytes(header[0:4], "little")
+        result.add(names[start : names.index(b"\0", start)].decode(errors="replace").lstrip("."))
+    return result
+
+
+def meshpy_command() -> list[str]:
+    """How to run the ``meshpy`` CLI that belongs to this interpreter."""
+    beside = Path(sys.executable).parent / "meshpy"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return [str(beside)]
+    code = "import sys; from meshpy.cli import main; sys.argv[0] = 'meshpy'; sys.exit(main())"
+    return [sys.executable, "-c", code]
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def pin_prefix(cpus: str | None) -> list[str]:
+    """A ``taskset`` prefix that pins a command to ``cpus`` (e.g. "1" or "0,1"), if given."""
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+@dataclass
+class Service:
+    """One child process with its own working directory and log files."""
+
+    name: str
+    port: int
+    argv: list[str]
+    workdir: Path
+    ready_text: str | None = None  # a line that must appear on stdout before it is ready
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.workdir / "stdout.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.workdir / "stderr.log"
+
+    def start(self, timeout: float = 20.0) -> None:
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv,
+                cwd=self.workdir,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},  # so a ready line is seen at once
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise PeerError(
+                    f"{self.name} exited with code {self.proc.returncode}\n{self.log_tail()}"
+                )
+            if self._port_open() and self._ready_text_seen():
+                return
+            time.sleep(0.05)
+        raise PeerError(f"{self.name} not ready after {timeout:.0f}s\n{self.log_tail()}")
+
+    def _port_open(self) -> bool:
+        try:
+            with socket.create_connection((HOST, self.port), timeout=0.5):
+                return True
+        except OSError:
+            return False
+
+    def _ready_text_seen(self) -> bool:
+        if self.ready_text is None:
+            return True
+        return self.ready_text in self.stdout_path.read_text(errors="replace")
+
+    def stop(self, grace: float = 5.0) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, grace)):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                return
+            try:
+                proc.wait(timeout=wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def log_tail(self, lines: int = 20) -> str:
+        parts = []
+        for path in (self.stdout_path, self.stderr_path):
+            if path.exists():
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                if tail:
+                    parts.append(f"--- {self.name} {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+@dataclass
+class System:
+    """A configuration under test: where load is sent and the proxy process, if any."""
+
+    name: str
+    port: int
+    service: Service | None = None
+
+    def url(self, path: str) -> str:
+        return f"http://{HOST}:{self.port}{path}"
+
+
+def check_response(port: int, path: str, expected_size: int, timeout: float = 5.0) -> None:
+    """One GET through ``port``; raises unless it is a 200 with the expected body size."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        body = response.read()
+    except OSError as exc:
+        raise PeerError(f"GET {path} on port {port} failed: {exc}") from exc
+    finally:
+        conn.close()
+    if response.status != 200 or len(body) != expected_size:
+        raise PeerError(
+            f"GET {path} on port {port}: status {response.status}, {len(body)} bytes "
+            f"(expected 200 and {expected_size} bytes)"
+        )
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _nginx_argv(workdir: Path, cpus: str | None) -> list[str]:
+    return [
+        *pin_prefix(cpus),
+        "nginx",
+        "-p",
+        str(workdir),
+        "-c",
+        str(workdir / "nginx.conf"),
+        "-e",
+        str(workdir / "error.log"),
+    ]
+
+
+def _nginx_main(workdir: Path, workers: int) -> str:
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    return (
+        f"{user}daemon off;\n"
+        f"worker_processes {workers};\n"
+        f"pid {workdir / 'nginx.pid'};\n"
+        f"error_log {workdir / 'error.log'} warn;\n"
+        "events { worker_connections 16384; }\n"
+    )
+
+
+def _nginx_http_common(workdir: Path) -> str:
+    return (
+        "    access_log off;\n"
+        f"    client_body_temp_path {workdir / 'tmp-body'};\n"
+        f"    proxy_temp_path {workdir / 'tmp-proxy'};\n"
+        "    keepalive_requests 1000000;\n"
+        "    keepalive_timeout 300s;\n"
+    )
+
+
+def upstream_nginx(workdir: Path, cpus: str | None = None) -> Service:
+    """The origin every system forwards to: 100 B at any path, 64 KiB at /64k."""
+    workdir.mkdir(parents=True)
+    port = free_port()
+    static = workdir / "static"
+    static.mkdir()
+    (static / LARGE_PATH.lstrip("/")).write_bytes(b"y" * LARGE_SIZE)
+    body = SMALL_BODY.decode().rstrip("\n") + "\\n"
+    conf = (
+        _nginx_main(workdir, 1)
+        + "http {\n"
+        + _nginx_http_common(workdir)
+        + "    sendfile on;\n"
+        + "    server {\n"
+        + f"        listen {HOST}:{port} backlog=4096;\n"
+        + f"        location = {LARGE_PATH} {{\n"
+        + f"            root {static};\n"
+        + "            default_type application/octet-stream;\n"
+        + "        }\n"
+        + "        location / {\n"
+        + "            default_type text/plain;\n"
+        + f'            return 200 "{body}";\n'
+        + "        }\n"
+        + "    }\n"
+        + "}\n"
+    )
+    (workdir / "nginx.conf").write_text(conf)
+    return Service("upstream", port, _nginx_argv(workdir, cpus), workdir)
+
+
+def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
+    workdir.mkdir(parents=True)
+    port = free_port()
+    conf = (
+        _nginx_main(workdir, threads)
+        + "http {\n"
+        + _nginx_http_common(workdir)
+        + "    upstream origin {\n"
+        + f"        server {HOST}:{upstream_port};\n"
+        + "        keepalive 64;\n"
+        + "        keepalive_requests 1000000;\n"
+        + "        keepalive_timeout 300s;\n"
+        + "    }\n"
+        + "    server {\n"
+        + f"        listen {HOST}:{port} backlog=4096;\n"
+        + "        location / {\n"
+        + "            proxy_pass http://origin;\n"
+        + "            proxy_http_version 1.1;\n"
+        + '            proxy_set_header Connection "";\n'
+        + "        }\n"
+        + "    }\n"
+        + "}\n"
+    )
+    (workdir / "nginx.conf").write_text(conf)
+    return Service("nginx", port, _nginx_argv(workdir, cpus), workdir)
+
+
+def haproxy_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
+    workdir.mkdir(parents=True)
+    port = free_port()
+    conf = (
+        "global\n"
+        f"    nbthread {threads}\n"
+        "    maxconn 4096\n"
+        "defaults\n"
+        "    mode http\n"
+        "    option http-keep-alive\n"
+        "    timeout connect 5s\n"
+        "    timeout client 300s\n"
+        "    timeout server 300s\n"
+        "    timeout http-keep-alive 300s\n"
+        "frontend bench\n"
+        f"    bind {HOST}:{port}\n"
+        "    default_backend origin\n"
+        "backend origin\n"
+        "    http-reuse always\n"
+        f"    server origin {HOST}:{upstream_port}\n"
+    )
+    config = workdir / "haproxy.cfg"
+    config.write_text(conf)
+    argv = [*pin_prefix(cpus), "haproxy", "-db", "-f", str(config)]
+    return Service("haproxy", port, argv, workdir)
+
+
+def meshpy_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
+    workdir.mkdir(parents=True)
+    port, admin = free_port(), free_port()
+    conf = (
+        f"admin: {{listen: {HOST}:{admin}}}\n"
+        "listeners:\n"
+        "  - name: bench\n"
+        f"    listen: {HOST}:{port}\n"
+        "    protocol: http\n"
+        "    routes:\n"
+        "      - match: {path_prefix: /}\n"
+        "        cluster: upstream\n"
+        "clusters:\n"
+        "  - name: upstream\n"
+        f"    endpoints: [{HOST}:{upstream_port}]\n"
+        "    lb: round_robin\n"
+    )
+    config = workdir / "sidecar.yaml"
+    config.write_text(conf)
+    argv = [
+        *pin_prefix(cpus),
+        *meshpy_command(),
+        "proxy",
+        "-c",
+        str(config),
+        "--workers",
+        str(threads),
+    ]
+    return Service("meshpy", port, argv, workdir, ready_text="meshpy proxy ready:")
+
+
+PROXIES = {"meshpy": meshpy_proxy, "nginx": nginx_proxy, "haproxy": haproxy_proxy}
+
+
+def make_system(
+    name: str, root: Path, upstream_port: int, threads: int, cpus: str | None
+) -> System:
+    """A system under test; its proxy (if any) is configured but not started."""
+    if name == "direct":
+        return System(name, upstream_port)
+    service = PROXIES[name](root / name, upstream_port, threads, cpus)
+    return System(name, service.port, service)
