@@ -284,10 +284,18 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, up
 
 /// A random (version 4) UUID.
 fn request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = (fastrand::u128(..) & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let hex = format!("{bits:032x}");
-    let id = format!("{}-{}-{}-{}-{}", &hex[..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..]);
-    HeaderValue::try_from(id).expect("hex digits and dashes are a valid header value")
+    let mut text = [b'-'; 36];
+    let mut nibble = 32;
+    for (i, byte) in text.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        nibble -= 1;
+        *byte = HEX[((bits >> (nibble * 4)) & 0xf) as usize];
+    }
+    HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
 }
 
 fn is_upgrade(headers: &HeaderMap) -> bool {

@@ -1,0 +1,113 @@
+"""The ``meshpy`` command line: validate, schema, and proxy start-up failures."""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+
+import pytest
+import yaml
+from conftest import meshpy_cmd
+from helpers import simple_config
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(meshpy_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def normalize_paths(text: str) -> str:
+    """``listeners[0].routes[1]`` and ``listeners.0.routes.1`` both become the dotted form."""
+    return re.sub(r"\[(\d+)\]", r".\1", text)
+
+
+def write(tmp_path, cfg) -> str:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
+    return str(path)
+
+
+def good_config() -> dict:
+    return simple_config(["127.0.0.1:8081", "127.0.0.1:8082"], timeout="2s")
+
+
+def bad_lb(cfg):
+    cfg["clusters"][0]["lb"] = "fastest"
+    return "clusters.0.lb"
+
+
+def bad_listen(cfg):
+    cfg["listeners"][0]["listen"] = "not-an-address"
+    return "listeners.0.listen"
+
+
+def bad_timeout(cfg):
+    cfg["listeners"][0]["routes"][0]["timeout"] = "soon"
+    return "listeners.0.routes.0.timeout"
+
+
+def bad_endpoint(cfg):
+    cfg["clusters"][0]["endpoints"][1] = "127.0.0.1:99999"
+    return "clusters.0.endpoints.1"
+
+
+def unknown_cluster(cfg):
+    cfg["listeners"][0]["routes"][0]["cluster"] = "nowhere"
+    return "listeners.0.routes.0.cluster"
+
+
+BAD = [bad_lb, bad_listen, bad_timeout, bad_endpoint, unknown_cluster]
+
+
+def test_validate_ok(tmp_path):
+    out = run("validate", write(tmp_path, good_config()))
+    assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("mutate", BAD, ids=[f.__name__ for f in BAD])
+def test_validate_reports_field_path(tmp_path, mutate):
+    cfg = good_config()
+    path = mutate(cfg)
+    out = run("validate", write(tmp_path, cfg))
+    assert out.returncode == 1
+    assert path in normalize_paths(out.stdout + out.stderr), out.stdout + out.stderr
+
+
+def test_validate_yaml_syntax_error(tmp_path):
+    out = run("validate", write(tmp_path, "listeners: [ {name: edge\n  oops: [\n"))
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+
+
+def test_schema_is_json_schema(tmp_path):
+    out = run("schema")
+    assert out.returncode == 0, out.stderr
+    schema = json.loads(out.stdout)
+    assert "properties" in schema
+    assert {"admin", "listeners", "clusters"} <= set(schema["properties"])
+
+
+@pytest.mark.parametrize("mutate", [bad_lb, bad_timeout], ids=["lb", "timeout"])
+def test_proxy_refuses_bad_config_with_exit_2(tmp_path, mutate):
+    cfg = good_config()
+    cfg["admin"]["listen"] = "127.0.0.1:0"
+    path = mutate(cfg)
+    out = run("proxy", "-c", write(tmp_path, cfg), timeout=20)
+    assert out.returncode == 2
+    assert path in normalize_paths(out.stderr), out.stderr
+    assert "meshpy proxy ready" not in out.stdout
+
+
+def test_proxy_port_in_use_exits_1(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cfg = good_config()
+        cfg["listeners"][0]["listen"] = f"127.0.0.1:{port}"
+        out = run("proxy", "-c", write(tmp_path, cfg), timeout=20)
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port}" in out.stderr
+    assert "in use" in out.stderr.lower()
+    assert "Traceback" not in out.stderr

@@ -1,0 +1,244 @@
+"""Hot reload (file watch and SIGHUP) and graceful shutdown (SIGTERM drain)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import httpx
+import pytest
+import yaml
+from helpers import (
+    client,
+    cluster,
+    config,
+    connect,
+    eventually,
+    http_listener,
+    read_response,
+    wait_for,
+)
+
+
+def routed_to(target: str, clusters: dict[str, str]) -> dict:
+    """One listener ``edge`` whose catch-all route ``main`` goes to cluster ``target``."""
+    route = {"name": "main", "match": {"path_prefix": "/"}, "cluster": target}
+    return config(
+        [http_listener([route])], [cluster(name, [addr]) for name, addr in clusters.items()]
+    )
+
+
+def served_by(proxy, path: str = "/probe") -> str:
+    with client(timeout=5) as c:
+        r = c.get(proxy.url() + path)
+    assert r.status_code == 200, r.text
+    return r.headers["x-upstream"]
+
+
+@pytest.fixture
+def ab(upstreams):
+    a, b = upstreams.many("a", "b")
+    return a, b, {"ca": a.addr, "cb": b.addr}
+
+
+def test_file_change_reroutes_new_requests(run_proxy, ab):
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    assert served_by(proxy) == "a"
+    version = proxy.config_version()
+    addr = proxy.addr()
+    proxy.write_config(routed_to("cb", clusters))  # no signal: the file watch picks it up
+
+    def switched():
+        assert served_by(proxy) == "b"
+
+    eventually(switched, timeout=3)
+    assert proxy.config_version() == version + 1
+    assert proxy.addr() == addr
+
+
+def test_sighup_reloads(run_proxy, ab):
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    success = proxy.metrics().get("config_reload_total", result="success")
+
+    # SIGHUP with an unchanged file still performs a reload (only the signal can cause it)
+    proxy.signal(signal.SIGHUP)
+
+    def reloaded():
+        assert proxy.metrics().get("config_reload_total", result="success") == success + 1
+
+    eventually(reloaded, timeout=3)
+    assert served_by(proxy) == "a"
+
+    proxy.reload(routed_to("cb", clusters), sighup=True)
+    assert served_by(proxy) == "b"
+
+
+INVALID = {
+    "yaml-syntax": "listeners: [ {name: edge, listen: \n  - oops: [\n",
+    "schema": "bad-lb",
+    "unknown-cluster": "missing-cluster",
+}
+
+
+@pytest.mark.parametrize("kind", list(INVALID))
+def test_invalid_file_keeps_old_config(run_proxy, ab, kind):
+    _, _, clusters = ab
+    good = routed_to("ca", clusters)
+    proxy = run_proxy(good)
+    version = proxy.config_version()
+    failures = proxy.metrics().get("config_reload_total", result="failure")
+
+    if kind == "schema":
+        bad = routed_to("ca", clusters)
+        bad["clusters"][0]["lb"] = "bogus_lb"
+        proxy.write_raw_config(yaml.safe_dump(bad))
+    elif kind == "unknown-cluster":
+        proxy.write_raw_config(yaml.safe_dump(routed_to("nope", clusters)))
+    else:
+        proxy.write_raw_config(INVALID[kind])
+
+    def rejected():
+        assert proxy.metrics().get("config_reload_total", result="failure") >= failures + 1
+
+    eventually(rejected, timeout=3)
+    assert proxy.config_version() == version
+    assert [served_by(proxy, f"/still/{i}") for i in range(5)] == ["a"] * 5
+    assert proxy.proc.poll() is None
+
+    # and a good file afterwards is picked up again
+    proxy.write_config(routed_to("cb", clusters))
+
+    def recovered():
+        assert served_by(proxy) == "b"
+
+    eventually(recovered, timeout=3)
+
+
+def test_reload_under_load_drops_nothing(run_proxy, ab):
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    stop = threading.Event()
+    ok: list[int] = [0, 0]
+    seen: set[str] = set()
+    errors: list[str] = []
+
+    def load(idx: int, keepalive: bool) -> None:
+        limits = httpx.Limits(max_keepalive_connections=1 if keepalive else 0)
+        with client(timeout=10, limits=limits) as c:
+            while not stop.is_set():
+                try:
+                    r = c.get(proxy.url() + f"/load/{idx}")
+                except httpx.HTTPError as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    continue
+                if r.status_code != 200:
+                    errors.append(f"status {r.status_code}: {r.text[:200]}")
+                else:
+                    ok[idx] += 1
+                    seen.add(r.headers["x-upstream"])
+
+    threads = [threading.Thread(target=load, args=(i, i == 0)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: min(ok) >= 10, 10, "load to start")
+        for n in range(6):
+            proxy.reload(routed_to("cb" if n % 2 == 0 else "ca", clusters), sighup=n % 3 == 2)
+            mark = list(ok)
+            wait_for(lambda m=mark: all(o >= x + 10 for o, x in zip(ok, m, strict=True)), 10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(15)
+    assert errors == []
+    assert seen == {"a", "b"}
+    assert min(ok) >= 60
+
+
+def test_inflight_request_finishes_on_old_config(run_proxy, ab):
+    a, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    base = a.stats()["inflight"]
+    result: dict = {}
+
+    def slow() -> None:
+        try:
+            with client(timeout=15) as c:
+                result["r"] = c.get(proxy.url() + "/delay?ms=2000")
+        except Exception as exc:
+            result["exc"] = exc
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(lambda: a.stats()["inflight"] > base, 5, "slow request to reach upstream a")
+    # the new config routes elsewhere and drops the old cluster altogether
+    proxy.reload(routed_to("cb", {"cb": clusters["cb"]}))
+    assert served_by(proxy) == "b"
+    t.join(15)
+    assert "exc" not in result, result
+    assert result["r"].status_code == 200
+    assert result["r"].headers["x-upstream"] == "a"
+
+
+def test_sigterm_drains_inflight_then_exits_zero(run_proxy, upstreams):
+    up = upstreams.get("drain")
+    proxy = run_proxy(routed_to("cd", {"cd": up.addr}), "--drain-timeout", "15s")
+    idle = connect(proxy.addr())  # an idle keep-alive connection must not hold up shutdown
+    idle.sendall(b"GET /idle HTTP/1.1\r\nHost: x\r\n\r\n")
+    first = read_response(idle)
+    assert first.status == 200 and first.rest == b""
+    base = up.stats()["inflight"]
+    result: dict = {}
+
+    def slow() -> None:
+        try:
+            with client(timeout=20) as c:
+                result["r"] = c.get(proxy.url() + "/delay?ms=4000")
+        except Exception as exc:
+            result["exc"] = exc
+
+    t = threading.Thread(target=slow)
+    t.start()
+    wait_for(lambda: up.stats()["inflight"] > base, 5, "slow request to reach the upstream")
+    proxy.signal(signal.SIGTERM)
+
+    def refused() -> bool:
+        try:
+            connect(proxy.addr(), timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        return False
+
+    wait_for(refused, 3, "listener to refuse new connections after SIGTERM")
+    assert t.is_alive(), "new connections must be refused while the old request drains"
+    t.join(20)
+    assert "exc" not in result, result
+    assert result["r"].status_code == 200
+    assert proxy.wait(5) == 0  # exits once drained, not at the 15 s deadline
+    idle.settimeout(5)
+    assert idle.recv(65536) == b""
+    idle.close()
+
+
+def test_sigterm_drain_deadline_is_enforced(run_proxy, upstreams):
+    up = upstreams.get("drain")
+    proxy = run_proxy(routed_to("cd", {"cd": up.addr}), "--drain-timeout", "1s")
+    base = up.stats()["inflight"]
+    result: dict = {}
+
+    def stuck() -> None:
+        try:
+            with client(timeout=30) as c:
+                result["r"] = c.get(proxy.url() + "/delay?ms=20000")
+        except Exception as exc:
+            result["exc"] = exc
+
+    t = threading.Thread(target=stuck)
+    t.start()
+    wait_for(lambda: up.stats()["inflight"] > base, 5, "request to reach the upstream")
+    proxy.signal(signal.SIGTERM)
+    assert proxy.wait(10) == 0  # would take ~20 s if the deadline were ignored
+    t.join(10)
+    assert "r" not in result, "the stuck request cannot have completed normally"
