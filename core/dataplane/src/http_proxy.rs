@@ -31,12 +31,39 @@ pub struct ConnCtx {
     /// The listener as configured when the connection was accepted, used if a reload
     /// removed it while the connection is still open.
     pub accepted: Arc<Listener>,
-    pub peer: SocketAddr,
     pub tls: bool,
     pub state: Arc<ConnState>,
+    /// The client's address as `X-Forwarded-For` carries it, made once per connection.
+    client_ip: HeaderValue,
+    /// This hop's `Forwarded` element (`for` and `proto`), made once per connection.
+    forwarded: HeaderValue,
 }
 
 impl ConnCtx {
+    pub fn new(
+        shared: Arc<Shared>,
+        key: Arc<str>,
+        accepted: Arc<Listener>,
+        peer: SocketAddr,
+        tls: bool,
+        state: Arc<ConnState>,
+    ) -> Self {
+        let ip = peer.ip();
+        let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
+        let proto = if tls { "https" } else { "http" };
+        let header =
+            |text: String| HeaderValue::try_from(text).expect("an IP address is a valid header value");
+        Self {
+            shared,
+            key,
+            accepted,
+            tls,
+            state,
+            client_ip: header(ip.to_string()),
+            forwarded: header(format!("for={node};proto={proto}")),
+        }
+    }
+
     fn listener(&self) -> Arc<Listener> {
         let snapshot = self.shared.snapshot.load();
         snapshot.listeners.get(&*self.key).cloned().unwrap_or_else(|| self.accepted.clone())
@@ -257,25 +284,16 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, up
             }
         }
     }
-    let ip = ctx.peer.ip();
-    let xff = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => format!("{previous}, {ip}"),
-        None => ip.to_string(),
+    let client_ip = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(previous) => {
+            let chained = format!("{previous}, {}", ctx.client_ip.to_str().unwrap_or_default());
+            HeaderValue::try_from(chained).unwrap_or_else(|_| ctx.client_ip.clone())
+        }
+        None => ctx.client_ip.clone(),
     };
-    if let Ok(value) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR.clone(), value);
-    }
+    headers.insert(X_FORWARDED_FOR.clone(), client_ip);
+    headers.append(header::FORWARDED, ctx.forwarded.clone());
     let proto = if ctx.tls { "https" } else { "http" };
-    let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
-    let mut forwarded = format!("for={node};proto={proto}");
-    if let Some(host) = headers.get(header::HOST).and_then(|h| h.to_str().ok()) {
-        forwarded.push_str(";host=\"");
-        forwarded.push_str(host);
-        forwarded.push('"');
-    }
-    if let Ok(value) = HeaderValue::try_from(forwarded) {
-        headers.append(header::FORWARDED, value);
-    }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     if !headers.contains_key(&X_REQUEST_ID) {
         headers.insert(X_REQUEST_ID.clone(), request_id());

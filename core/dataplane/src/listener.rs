@@ -95,7 +95,7 @@ fn conn_ctx(
     tls: bool,
     state: Arc<ConnState>,
 ) -> Arc<ConnCtx> {
-    Arc::new(ConnCtx { shared: shared.clone(), key, accepted: listener.clone(), peer, tls, state })
+    Arc::new(ConnCtx::new(shared.clone(), key, listener.clone(), peer, tls, state))
 }
 
 /// Peeks at the first bytes: the HTTP/2 connection preface means h2c with prior
@@ -163,15 +163,19 @@ where
             begin(conn.as_mut());
         }
     }
-    let idle_limit = listener.idle_timeout.as_millis() as u64;
+    // Idle means no byte moved and no request was open during a whole idle period,
+    // so a connection closes between one and two periods after its last activity.
+    let idle_limit = listener.idle_timeout;
+    let mut last_activity = state.map(ConnState::activity);
     loop {
         let idle_wait = async {
             match state {
-                Some(state) if idle_limit > 0 => {
-                    let remaining = idle_limit.saturating_sub(state.idle_ms()).max(1);
-                    tokio::time::sleep(Duration::from_millis(remaining)).await;
-                    state.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0
-                        && state.idle_ms() >= idle_limit
+                Some(state) if !idle_limit.is_zero() => {
+                    tokio::time::sleep(idle_limit).await;
+                    let activity = state.activity();
+                    let idle = last_activity == Some(activity)
+                        && state.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0;
+                    (idle, activity)
                 }
                 _ => std::future::pending().await,
             }
@@ -183,7 +187,8 @@ where
                     begin(conn.as_mut());
                 }
             }
-            idle = idle_wait, if shutdown.is_some() => {
+            (idle, activity) = idle_wait, if shutdown.is_some() => {
+                last_activity = Some(activity);
                 if idle {
                     if let Some(begin) = shutdown.take() {
                         begin(conn.as_mut());
