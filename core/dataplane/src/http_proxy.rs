@@ -243,16 +243,18 @@ static HOP_BY_HOP: [HeaderName; 4] = [
 /// above, any named in `Connection`, `Upgrade` unless the tunnel is being set up,
 /// and `TE` except the `trailers` value gRPC needs.
 fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
-    if let Some(connection) = headers.get(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .chain(std::iter::once(connection))
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
-            .filter(|name| !(upgrading && name == header::UPGRADE))
-            .collect();
+    if headers.contains_key(header::CONNECTION) {
+        let mut named = Vec::new();
+        for value in headers.get_all(header::CONNECTION) {
+            for token in value.to_str().unwrap_or_default().split(',').map(str::trim) {
+                // The usual tokens name nothing beyond what is removed below anyway,
+                // so the common request allocates nothing here.
+                let usual = ["keep-alive", "close", "upgrade"].iter().any(|t| token.eq_ignore_ascii_case(t));
+                if let (false, Ok(name)) = (usual, HeaderName::from_bytes(token.as_bytes())) {
+                    named.push(name);
+                }
+            }
+        }
         for name in named {
             headers.remove(name);
         }
