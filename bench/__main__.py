@@ -236,12 +236,18 @@ def measure(
         command = load.wrk_command(
             url, args.load_threads, args.connections, args.duration, script, load_pin
         )
+        proc = system.service.proc if system.service else None
+        cpu_before = peers.tree_cpu_seconds(proc.pid) if proc else None
         result = load.run_wrk(command, args.duration)
+        if proc and cpu_before is not None and result.requests:
+            used = peers.tree_cpu_seconds(proc.pid) - cpu_before
+            result.extra["proxy_cpu_us_per_request"] = round(used * 1e6 / result.requests, 2)
         saturation.runs.append(result)
         print(
             f"{label} saturation {result.rps:>12,.0f} req/s  p50 "
             f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
             f"{result.latency_us['p99'] / 1000:.3f} ms  errors {result.errors}  "
+            f"proxy cpu {result.extra.get('proxy_cpu_us_per_request', '-')} us/req  "
             f"cpu busy {result.cpu['busy_pct']}% steal {result.cpu['steal_pct']}%",
             flush=True,
         )

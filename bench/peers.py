@@ -146,6 +146,28 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process and all its descendants, in seconds."""
+    stats: dict[int, tuple[int, float]] = {}  # pid -> (parent pid, cpu seconds)
+    ticks = os.sysconf("SC_CLK_TCK")
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # The command name may hold spaces; the fields after its closing parenthesis do not.
+        fields = text[text.rindex(")") + 2 :].split()
+        stats[int(entry.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / ticks)
+    tree, total = {pid}, 0.0
+    for _ in range(8):  # a few generations are plenty for master/worker servers
+        tree |= {child for child, (parent, _) in stats.items() if parent in tree}
+    for member in tree:
+        total += stats.get(member, (0, 0.0))[1]
+    return total
+
+
 def pin_prefix(cpus: str | None) -> list[str]:
     """A ``taskset`` prefix that pins a command to ``cpus`` (e.g. "1" or "0,1"), if given."""
     return ["taskset", "-c", cpus] if cpus else []

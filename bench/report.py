@@ -94,6 +94,12 @@ class SystemRuns:
             "steal_pct_max": max(run.cpu.get("steal_pct", 0.0) for run in self.runs),
             "failures": self.failures,
         }
+        cpu = [
+            r.extra["proxy_cpu_us_per_request"]
+            for r in self.runs
+            if "proxy_cpu_us_per_request" in r.extra
+        ]
+        summary["proxy_cpu_us_per_request_median"] = statistics.median(cpu) if cpu else None
         if self.runs[0].tool == "h2load":
             summary["slower_than_gap"] = sum(run.extra["slower_than_gap"] for run in self.runs)
         return summary
@@ -107,10 +113,14 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _cpu(us: float | None) -> str:
+    return "-" if us is None else f"{us:.1f}"
+
+
 def saturation_table(summaries: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<9} {'req/s median':>12} {'spread (min-max)':>19} {'vs direct':>9} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>10}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
@@ -122,7 +132,8 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
         lat = s["latency_us_median"]
         lines.append(
             f"{s['system']:<9} {_rate(s['rps_median']):>12} {spread:>19} {ratio:>9} "
-            f"{_ms(lat['p50']):>8} {_ms(lat['p99']):>8} {s['errors']:>7}"
+            f"{_ms(lat['p50']):>8} {_ms(lat['p99']):>8} {s['errors']:>7} "
+            f"{_cpu(s['proxy_cpu_us_per_request_median']):>10}"
         )
     return "\n".join(lines)
 
