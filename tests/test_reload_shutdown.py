@@ -157,21 +157,27 @@ def test_reload_under_load_drops_nothing(run_proxy, ab):
     assert min(ok) >= 60
 
 
+def get_in_background(url: str, timeout: float) -> tuple[threading.Thread, dict]:
+    """GET ``url`` on a thread; the result dict gets "r" (the response) or "exc"."""
+    result: dict = {}
+
+    def get() -> None:
+        try:
+            with client(timeout=timeout) as c:
+                result["r"] = c.get(url)
+        except Exception as exc:
+            result["exc"] = exc
+
+    t = threading.Thread(target=get)
+    t.start()
+    return t, result
+
+
 def test_inflight_request_finishes_on_old_config(run_proxy, ab):
     a, _, clusters = ab
     proxy = run_proxy(routed_to("ca", clusters))
     base = a.stats()["inflight"]
-    result: dict = {}
-
-    def slow() -> None:
-        try:
-            with client(timeout=15) as c:
-                result["r"] = c.get(proxy.url() + "/delay?ms=2000")
-        except Exception as exc:
-            result["exc"] = exc
-
-    t = threading.Thread(target=slow)
-    t.start()
+    t, result = get_in_background(proxy.url() + "/delay?ms=2000", timeout=15)
     wait_for(lambda: a.stats()["inflight"] > base, 5, "slow request to reach upstream a")
     # the new config routes elsewhere and drops the old cluster altogether
     proxy.reload(routed_to("cb", {"cb": clusters["cb"]}))
@@ -190,17 +196,7 @@ def test_sigterm_drains_inflight_then_exits_zero(run_proxy, upstreams):
     first = read_response(idle)
     assert first.status == 200 and first.rest == b""
     base = up.stats()["inflight"]
-    result: dict = {}
-
-    def slow() -> None:
-        try:
-            with client(timeout=20) as c:
-                result["r"] = c.get(proxy.url() + "/delay?ms=4000")
-        except Exception as exc:
-            result["exc"] = exc
-
-    t = threading.Thread(target=slow)
-    t.start()
+    t, result = get_in_background(proxy.url() + "/delay?ms=4000", timeout=20)
     wait_for(lambda: up.stats()["inflight"] > base, 5, "slow request to reach the upstream")
     proxy.signal(signal.SIGTERM)
 
@@ -226,17 +222,7 @@ def test_sigterm_drain_deadline_is_enforced(run_proxy, upstreams):
     up = upstreams.get("drain")
     proxy = run_proxy(routed_to("cd", {"cd": up.addr}), "--drain-timeout", "1s")
     base = up.stats()["inflight"]
-    result: dict = {}
-
-    def stuck() -> None:
-        try:
-            with client(timeout=30) as c:
-                result["r"] = c.get(proxy.url() + "/delay?ms=20000")
-        except Exception as exc:
-            result["exc"] = exc
-
-    t = threading.Thread(target=stuck)
-    t.start()
+    t, result = get_in_background(proxy.url() + "/delay?ms=20000", timeout=30)
     wait_for(lambda: up.stats()["inflight"] > base, 5, "request to reach the upstream")
     proxy.signal(signal.SIGTERM)
     assert proxy.wait(10) == 0  # would take ~20 s if the deadline were ignored

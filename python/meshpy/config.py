@@ -13,7 +13,7 @@ import math
 import os
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
@@ -295,22 +295,19 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ROUTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]*")
 
 
-def _name(value: str) -> str:
-    if not _NAME.fullmatch(value):
-        raise ValueError(
-            "expected a name of letters, digits, '.', '_' and '-' starting with a letter or digit,"
-            f" got {_show(value)}"
-        )
-    return value
+def _name_check(pattern: re.Pattern[str], allowed: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if not pattern.fullmatch(value):
+            raise ValueError(
+                f"expected a name of {allowed} starting with a letter or digit, got {_show(value)}"
+            )
+        return value
+
+    return check
 
 
-def _route_name(value: str) -> str:
-    if not _ROUTE_NAME.fullmatch(value):
-        raise ValueError(
-            "expected a name of letters, digits, '.', '_', '-' and '/' starting with a letter or"
-            f" digit, got {_show(value)}"
-        )
-    return value
+_name = _name_check(_NAME, "letters, digits, '.', '_' and '-'")
+_route_name = _name_check(_ROUTE_NAME, "letters, digits, '.', '_', '-' and '/'")
 
 
 _DURATION_SCHEMA = {
