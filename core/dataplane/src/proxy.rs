@@ -103,7 +103,7 @@ impl Proxy {
             Snapshot::build(config, 1, None, &registry)?
         };
         let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Snapshot { version: 0, ..empty_snapshot() }),
+            snapshot: ArcSwap::from_pointee(empty_snapshot()),
             registry,
             drain: Drain::new(),
             bound: Mutex::new(HashMap::new()),
