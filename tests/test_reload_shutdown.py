@@ -228,3 +228,21 @@ def test_sigterm_drain_deadline_is_enforced(run_proxy, upstreams):
     assert proxy.wait(10) == 0  # would take ~20 s if the deadline were ignored
     t.join(10)
     assert "r" not in result, "the stuck request cannot have completed normally"
+
+
+def test_ready_turns_503_while_draining_and_admin_keeps_answering(run_proxy, upstreams):
+    up = upstreams.get("drain")
+    proxy = run_proxy(routed_to("cd", {"cd": up.addr}), "--drain-timeout", "15s")
+    assert proxy.admin_get("/ready").status_code == 200
+    base = up.stats()["inflight"]
+    t, result = get_in_background(proxy.url() + "/delay?ms=3000", timeout=20)
+    wait_for(lambda: up.stats()["inflight"] > base, 5, "slow request to reach the upstream")
+    proxy.signal(signal.SIGTERM)
+    # new admin connections are still accepted while traffic drains: probes see 503
+    wait_for(lambda: proxy.admin_get("/ready").status_code == 503, 3, "/ready to say draining")
+    assert proxy.admin_get("/live").status_code == 200
+    assert t.is_alive(), "the slow request is still draining"
+    t.join(20)
+    assert "exc" not in result, result
+    assert result["r"].status_code == 200
+    assert proxy.wait(5) == 0

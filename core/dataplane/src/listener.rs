@@ -35,11 +35,7 @@ pub async fn accept_loop(
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
                     let key = key.clone();
-                    tokio::spawn(async move {
-                        let guard = shared.drain.guard();
-                        serve_connection(stream, peer, key, shared).await;
-                        drop(guard);
-                    });
+                    tokio::spawn(serve_connection(stream, peer, key, shared));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
@@ -55,6 +51,8 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
     let Some(listener) = shared.snapshot.load().listeners.get(&*key).cloned() else { return };
     let _ = stream.set_nodelay(true);
     let state = ConnState::new(listener.metrics.clone());
+    // Admin connections carry no traffic: draining does not wait for them.
+    let _guard = (!matches!(listener.kind, Kind::Admin)).then(|| shared.drain.guard());
     match &listener.kind {
         Kind::Tcp { cluster } => {
             tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await;
@@ -63,8 +61,12 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
             let io = TokioIo::new(MeteredIo::new(stream, state));
             let admin_shared = shared.clone();
             let service = service_fn(move |req| admin::handle(admin_shared.clone(), req));
-            let conn = hyper::server::conn::http1::Builder::new().serve_connection(io, service);
-            let _ = serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, None).await;
+            // While draining, each admin request gets its answer on a connection of its own.
+            let keep_alive = !shared.drain.is_draining();
+            let _ = hyper::server::conn::http1::Builder::new()
+                .keep_alive(keep_alive)
+                .serve_connection(io, service)
+                .await;
         }
         Kind::Http { server, .. } => match &listener.tls {
             Some(acceptor) => {
@@ -132,10 +134,10 @@ where
     let io = TokioIo::new(io);
     let result = if http2 {
         let conn = server.http2.serve_connection(io, service);
-        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, Some(&state)).await
+        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, &state).await
     } else {
         let conn = server.http1.serve_connection(io, service).with_upgrades();
-        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, Some(&state)).await
+        serve_until_done(conn, |c| c.graceful_shutdown(), &shared, &listener, &state).await
     };
     if let Err(e) = result {
         tracing::debug!(listener = %listener.name, error = %e, "connection closed with an error");
@@ -150,7 +152,7 @@ async fn serve_until_done<F>(
     shutdown: impl FnOnce(Pin<&mut F>),
     shared: &Shared,
     listener: &Listener,
-    state: Option<&ConnState>,
+    state: &ConnState,
 ) -> Result<(), hyper::Error>
 where
     F: Future<Output = Result<(), hyper::Error>>,
@@ -166,19 +168,17 @@ where
     // Idle means no byte moved and no request was open during a whole idle period,
     // so a connection closes between one and two periods after its last activity.
     let idle_limit = listener.idle_timeout;
-    let mut last_activity = state.map(ConnState::activity);
+    let mut last_activity = state.activity();
     loop {
         let idle_wait = async {
-            match state {
-                Some(state) if !idle_limit.is_zero() => {
-                    tokio::time::sleep(idle_limit).await;
-                    let activity = state.activity();
-                    let idle = last_activity == Some(activity)
-                        && state.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0;
-                    (idle, activity)
-                }
-                _ => std::future::pending().await,
+            if idle_limit.is_zero() {
+                return std::future::pending().await;
             }
+            tokio::time::sleep(idle_limit).await;
+            let activity = state.activity();
+            let idle =
+                last_activity == activity && state.in_flight.load(std::sync::atomic::Ordering::Relaxed) == 0;
+            (idle, activity)
         };
         tokio::select! {
             result = conn.as_mut() => return result,
@@ -188,7 +188,7 @@ where
                 }
             }
             (idle, activity) = idle_wait, if shutdown.is_some() => {
-                last_activity = Some(activity);
+                last_activity = activity;
                 if idle {
                     if let Some(begin) = shutdown.take() {
                         begin(conn.as_mut());

@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::drain::Drain;
 use crate::listener::accept_loop;
 use crate::metrics::Registry;
-use crate::snapshot::Snapshot;
+use crate::snapshot::{Kind, Snapshot};
 use crate::Error;
 
 /// State shared by every task of the proxy.
@@ -221,12 +221,25 @@ impl Proxy {
         if workers.is_empty() {
             return;
         }
-        for (_, accept) in self.loops.lock().unwrap().drain() {
+        // The admin listener keeps answering while traffic drains, so probes see
+        // `/ready` turn 503 instead of a refused connection.
+        let snapshot = self.shared.snapshot.load_full();
+        let is_admin =
+            |key: &String| snapshot.listeners.get(key).is_some_and(|l| matches!(l.kind, Kind::Admin));
+        let mut loops = std::mem::take(&mut *self.loops.lock().unwrap());
+        loops.retain(|key, accept| {
+            if is_admin(key) {
+                return true;
+            }
             accept.stop.send_replace(true);
-        }
+            false
+        });
         let left = self.handle.block_on(self.shared.drain.drain(deadline));
         if left > 0 {
             tracing::warn!(connections = left, "drain deadline reached; closing remaining connections");
+        }
+        for accept in loops.values() {
+            accept.stop.send_replace(true);
         }
         for worker in &mut workers {
             worker.stop();
