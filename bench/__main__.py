@@ -168,7 +168,7 @@ def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dic
 
         systems: list[peers.System] = []
         for name in names:
-            system = peers.make_system(name, root, upstream.port, args.threads, args.pin_proxy)
+            system = peers.make_system(name, root, upstream, args.threads, args.pin_proxy)
             if system.service is not None:
                 try:
                     start_service(stack, system.service, args.path, size)
@@ -232,22 +232,17 @@ def measure(
             warm = load.wrk_command(
                 url, args.load_threads, args.connections, args.warmup, script, load_pin
             )
-            load.run_wrk(warm, args.warmup)
+            load.run_wrk(warm, args.warmup, system.cpu_service.cpu_seconds)
         command = load.wrk_command(
             url, args.load_threads, args.connections, args.duration, script, load_pin
         )
-        proc = system.service.proc if system.service else None
-        cpu_before = peers.tree_cpu_seconds(proc.pid) if proc else None
-        result = load.run_wrk(command, args.duration)
-        if proc and cpu_before is not None and result.requests:
-            used = peers.tree_cpu_seconds(proc.pid) - cpu_before
-            result.extra["proxy_cpu_us_per_request"] = round(used * 1e6 / result.requests, 2)
+        result = load.run_wrk(command, args.duration, system.cpu_service.cpu_seconds)
         saturation.runs.append(result)
         print(
             f"{label} saturation {result.rps:>12,.0f} req/s  p50 "
             f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
             f"{result.latency_us['p99'] / 1000:.3f} ms  errors {result.errors}  "
-            f"proxy cpu {result.extra.get('proxy_cpu_us_per_request', '-')} us/req  "
+            f"{system.cpu_service.name} cpu {result.cpu_us_per_req} µs/req  "
             f"cpu busy {result.cpu['busy_pct']}% steal {result.cpu['steal_pct']}%",
             flush=True,
         )
@@ -287,9 +282,12 @@ def measure(
 
 
 def summarize(runs: list[SystemRuns]) -> list[dict[str, Any]]:
-    direct = next((r for r in runs if r.name == "direct" and r.runs), None)
-    baseline = direct.summary(None)["rps_median"] if direct else None
-    return [r.summary(baseline) for r in runs]
+    """Every system's summary, with req/s relative to direct and CPU time relative to nginx."""
+    by_name = {r.name: r for r in runs}
+    direct, nginx = by_name.get("direct"), by_name.get("nginx")
+    baseline_rps = direct.median("rps") if direct else None
+    nginx_cpu_us = nginx.median("cpu_us_per_req") if nginx else None
+    return [r.summary(baseline_rps, nginx_cpu_us) for r in runs]
 
 
 def describe_meshpy(meshpy: dict[str, object] | None) -> str:

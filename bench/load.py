@@ -6,6 +6,7 @@ import json
 import math
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,7 @@ class LoadResult:
     errors: int
     latency_us: dict[str, float]
     cpu: dict[str, float] = field(default_factory=dict)
+    cpu_us_per_req: float | None = None  # CPU time of the watched processes (wrk runs only)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -125,22 +127,26 @@ def parse_wrk(output: str) -> dict[str, Any]:
     raise LoadError(f"no {MARKER.strip()} line in wrk output:\n{output}")
 
 
-def run_wrk(argv: list[str], duration: float) -> LoadResult:
-    start = CpuSample.now()
+def run_wrk(argv: list[str], duration: float, cpu_seconds: Callable[[], float]) -> LoadResult:
+    """One wrk run; ``cpu_seconds`` reads the CPU time of the processes charged for it."""
+    start, cpu_start = CpuSample.now(), cpu_seconds()
     done = _run(argv, timeout=duration + 60)
+    cpu_used = cpu_seconds() - cpu_start
     cpu = CpuSample.now().usage_since(start)
     data = parse_wrk(done.stdout)
+    requests = int(data["requests"])
     seconds = data["duration_us"] / 1e6
     errors = dict(data["errors"])
     return LoadResult(
         tool="wrk",
         command=argv,
-        requests=int(data["requests"]),
+        requests=requests,
         duration_s=round(seconds, 3),
-        rps=round(data["requests"] / seconds, 1) if seconds else 0.0,
+        rps=round(requests / seconds, 1) if seconds else 0.0,
         errors=sum(errors.values()),
         latency_us=dict(data["latency_us"]),
         cpu=cpu,
+        cpu_us_per_req=round(cpu_used * 1e6 / requests, 2) if requests else None,
         extra={"errors_by_kind": errors, "bytes": data["bytes"]},
     )
 

@@ -241,6 +241,12 @@ class Service:
             except subprocess.TimeoutExpired:
                 continue
 
+    def cpu_seconds(self) -> float:
+        """CPU time used so far by this service's process and its descendants."""
+        if self.proc is None:
+            raise PeerError(f"{self.name} is not running")
+        return tree_cpu_seconds(self.proc.pid)
+
     def log_tail(self, lines: int = 20) -> str:
         parts = []
         for path in (self.stdout_path, self.stderr_path):
@@ -257,6 +263,7 @@ class System:
 
     name: str
     port: int
+    cpu_service: Service  # whose CPU time per request is reported: the proxy, or the upstream
     service: Service | None = None
 
     def url(self, path: str) -> str:
@@ -437,10 +444,13 @@ PROXIES = {"meshpy": meshpy_proxy, "nginx": nginx_proxy, "haproxy": haproxy_prox
 
 
 def make_system(
-    name: str, root: Path, upstream_port: int, threads: int, cpus: str | None
+    name: str, root: Path, upstream: Service, threads: int, cpus: str | None
 ) -> System:
-    """A system under test; its proxy (if any) is configured but not started."""
+    """A system under test; its proxy (if any) is configured but not started.
+
+    ``direct`` has no proxy, so the CPU time reported for it is the upstream's.
+    """
     if name == "direct":
-        return System(name, upstream_port)
-    service = PROXIES[name](root / name, upstream_port, threads, cpus)
-    return System(name, service.port, service)
+        return System(name, upstream.port, upstream)
+    service = PROXIES[name](root / name, upstream.port, threads, cpus)
+    return System(name, service.port, service, service)

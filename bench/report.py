@@ -72,7 +72,24 @@ class SystemRuns:
     def _values(self, key: str) -> list[float]:
         return [run.latency_us[key] for run in self.runs]
 
-    def summary(self, baseline_rps: float | None) -> dict[str, Any]:
+    def median(self, attribute: str) -> float | None:
+        """Median over rounds of a ``LoadResult`` attribute (None if no round has it)."""
+        values = [v for run in self.runs if (v := getattr(run, attribute)) is not None]
+        return statistics.median(values) if values else None
+
+    def _cpu_summary(self, nginx_cpu_us: float | None) -> dict[str, Any]:
+        """CPU time per request; for ``direct``, which has no proxy, the upstream's."""
+        cpu = self.median("cpu_us_per_req")
+        proxied = self.name != "direct"
+        return {
+            "cpu_of": "proxy" if proxied else "upstream",
+            "cpu_us_per_req_median": None if cpu is None else round(cpu, 2),
+            "cpu_vs_nginx": (
+                round(cpu / nginx_cpu_us, 3) if proxied and cpu is not None and nginx_cpu_us else None
+            ),
+        }
+
+    def summary(self, baseline_rps: float | None, nginx_cpu_us: float | None) -> dict[str, Any]:
         if not self.runs:
             return {"system": self.name, "rounds_ok": 0, "failures": self.failures}
         rps = [run.rps for run in self.runs]
@@ -94,12 +111,8 @@ class SystemRuns:
             "steal_pct_max": max(run.cpu.get("steal_pct", 0.0) for run in self.runs),
             "failures": self.failures,
         }
-        cpu = [
-            r.extra["proxy_cpu_us_per_request"]
-            for r in self.runs
-            if "proxy_cpu_us_per_request" in r.extra
-        ]
-        summary["proxy_cpu_us_per_request_median"] = statistics.median(cpu) if cpu else None
+        if self.runs[0].tool == "wrk":
+            summary.update(self._cpu_summary(nginx_cpu_us))
         if self.runs[0].tool == "h2load":
             summary["slower_than_gap"] = sum(run.extra["slower_than_gap"] for run in self.runs)
         return summary
@@ -113,14 +126,22 @@ def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
-def _cpu(us: float | None) -> str:
-    return "-" if us is None else f"{us:.1f}"
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _cpu(summary: dict[str, Any]) -> str:
+    """CPU µs per request, starred when it is the upstream's rather than a proxy's."""
+    us = summary["cpu_us_per_req_median"]
+    if us is None:
+        return "-"
+    return f"{us:.1f}" + ("*" if summary["cpu_of"] == "upstream" else "")
 
 
 def saturation_table(summaries: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<9} {'req/s median':>12} {'spread (min-max)':>19} {'vs direct':>9} "
-        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu us/req':>10}"
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu µs/req':>10} {'cpu vs nginx':>12}"
     )
     lines = [header, "-" * len(header)]
     for s in summaries:
@@ -128,13 +149,14 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
             lines.append(f"{s['system']:<9} failed: {'; '.join(s['failures'])[:80]}")
             continue
         spread = f"{_rate(s['rps_min'])}-{_rate(s['rps_max'])}"
-        ratio = "-" if s["ratio_to_direct"] is None else f"{s['ratio_to_direct']:.2f}"
         lat = s["latency_us_median"]
         lines.append(
-            f"{s['system']:<9} {_rate(s['rps_median']):>12} {spread:>19} {ratio:>9} "
-            f"{_ms(lat['p50']):>8} {_ms(lat['p99']):>8} {s['errors']:>7} "
-            f"{_cpu(s['proxy_cpu_us_per_request_median']):>10}"
+            f"{s['system']:<9} {_rate(s['rps_median']):>12} {spread:>19} "
+            f"{_ratio(s['ratio_to_direct']):>9} {_ms(lat['p50']):>8} {_ms(lat['p99']):>8} "
+            f"{s['errors']:>7} {_cpu(s):>10} {_ratio(s['cpu_vs_nginx']):>12}"
         )
+    if any(s.get("cpu_of") == "upstream" for s in summaries):
+        lines.append("* direct has no proxy: its cpu µs/req is the upstream nginx's")
     return "\n".join(lines)
 
 
