@@ -443,9 +443,7 @@ def meshpy_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | No
 PROXIES = {"meshpy": meshpy_proxy, "nginx": nginx_proxy, "haproxy": haproxy_proxy}
 
 
-def make_system(
-    name: str, root: Path, upstream: Service, threads: int, cpus: str | None
-) -> System:
+def make_system(name: str, root: Path, upstream: Service, threads: int, cpus: str | None) -> System:
     """A system under test; its proxy (if any) is configured but not started.
 
     ``direct`` has no proxy, so the CPU time reported for it is the upstream's.

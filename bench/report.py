@@ -81,12 +81,13 @@ class SystemRuns:
         """CPU time per request; for ``direct``, which has no proxy, the upstream's."""
         cpu = self.median("cpu_us_per_req")
         proxied = self.name != "direct"
+        ratio = None
+        if proxied and cpu is not None and nginx_cpu_us:
+            ratio = round(cpu / nginx_cpu_us, 3)
         return {
             "cpu_of": "proxy" if proxied else "upstream",
             "cpu_us_per_req_median": None if cpu is None else round(cpu, 2),
-            "cpu_vs_nginx": (
-                round(cpu / nginx_cpu_us, 3) if proxied and cpu is not None and nginx_cpu_us else None
-            ),
+            "cpu_vs_nginx": ratio,
         }
 
     def summary(self, baseline_rps: float | None, nginx_cpu_us: float | None) -> dict[str, Any]:
