@@ -568,7 +568,11 @@ class Cluster(_Model):
     )
     connect_timeout: Duration = Field(default=1.0, description="Time allowed to connect.")
     idle_timeout: Duration = Field(
-        default=90.0, description="Pooled upstream connections idle this long are closed."
+        default=90.0,
+        description=(
+            "A pooled upstream connection idle this long is not reused;"
+            " it is closed at the pool's next use."
+        ),
     )
 
     @field_validator("endpoints")

@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use crate::balance::Balancer;
 use crate::config::{ClusterConfig, UpstreamProtocol};
-use crate::metrics::{ClusterMetrics, Registry};
+use crate::metrics::Registry;
 use crate::pool::EndpointPool;
 
 pub struct Cluster {
     pub config: ClusterConfig,
     pub balancer: Balancer,
-    pub metrics: Arc<ClusterMetrics>,
     /// One pool per endpoint, in the balancer's order.
     pools: Vec<Arc<EndpointPool>>,
 }
@@ -28,7 +27,7 @@ impl Cluster {
                 Arc::new(EndpointPool::new(address.clone(), connect_timeout, idle_timeout, metrics.clone()))
             })
             .collect();
-        Self { balancer: Balancer::new(config.lb, &config.endpoints), pools, metrics, config }
+        Self { balancer: Balancer::new(config.lb, &config.endpoints), pools, config }
     }
 
     pub fn name(&self) -> &str {

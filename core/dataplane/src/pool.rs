@@ -17,6 +17,15 @@ use crate::metrics::ClusterMetrics;
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
 const MAX_IDLE: usize = 256;
 
+/// Keeps a connection counted in the cluster's open-connections gauge while it lives.
+pub struct OpenConnection(Arc<ClusterMetrics>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Why a request did not get a response from the endpoint.
 pub enum SendError {
     /// No connection could be made: the request was not sent and is handed back.
@@ -139,34 +148,45 @@ impl EndpointPool {
         }
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, String> {
+    /// Opens a TCP connection to the endpoint within the connect timeout, counting
+    /// the attempt in the cluster's metrics. TCP listeners connect through this too.
+    pub async fn connect_tcp(&self) -> Result<TcpStream, String> {
         let connecting =
             tokio::time::timeout(self.connect_timeout, TcpStream::connect(self.address.as_str()));
-        let result = match connecting.await {
+        let failure = match connecting.await {
             Ok(Ok(stream)) => {
                 let _ = stream.set_nodelay(true);
                 self.metrics.connects.fetch_add(1, Relaxed);
-                return Ok(TokioIo::new(stream));
+                return Ok(stream);
             }
             Ok(Err(e)) => e.to_string(),
             Err(_) => format!("connect timed out after {:?}", self.connect_timeout),
         };
         self.metrics.connect_errors.fetch_add(1, Relaxed);
-        Err(result)
+        Err(failure)
     }
 
-    /// Runs a connection's task, keeping the open-connections gauge right.
+    /// Counts a connection in the open-connections gauge until the guard is dropped.
+    pub fn open_connection(&self) -> OpenConnection {
+        self.metrics.connections_open.fetch_add(1, Relaxed);
+        OpenConnection(self.metrics.clone())
+    }
+
+    async fn connect(&self) -> Result<TokioIo<TcpStream>, String> {
+        self.connect_tcp().await.map(TokioIo::new)
+    }
+
+    /// Runs a connection on a task of its own.
     fn drive<F>(&self, connection: F)
     where
         F: std::future::Future<Output = Result<(), hyper::Error>> + Send + 'static,
     {
-        let metrics = self.metrics.clone();
-        metrics.connections_open.fetch_add(1, Relaxed);
+        let open = self.open_connection();
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "upstream connection closed with an error");
             }
-            metrics.connections_open.fetch_sub(1, Relaxed);
+            drop(open);
         });
     }
 
