@@ -42,7 +42,7 @@ def calibrate(seconds: float) -> str:
 
 def test_forwarding_needs_no_gil(upstream):
     cfg = simple_config([upstream.addr])
-    proxy = core.Proxy(parse_config(cfg).to_core_json(), workers=2)
+    proxy = core.Proxy(parse_config(cfg).to_core_json(), core.FilterQueue(), workers=2)
     try:
         addrs = proxy.addresses()
         url = f"http://{addrs['edge']}"
@@ -97,7 +97,9 @@ def test_forwarding_needs_no_gil(upstream):
 
 def test_in_process_proxy_reload_and_version(upstreams):
     a, b = upstreams.many("a", "b")
-    proxy = core.Proxy(parse_config(simple_config([a.addr])).to_core_json(), workers=2)
+    proxy = core.Proxy(
+        parse_config(simple_config([a.addr])).to_core_json(), core.FilterQueue(), workers=2
+    )
     try:
         url = f"http://{proxy.addresses()['edge']}"
         v1 = proxy.version

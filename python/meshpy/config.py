@@ -16,7 +16,7 @@ import types
 from collections.abc import Callable, Mapping
 from decimal import Decimal
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -35,10 +35,14 @@ from pydantic import (
 
 from .errors import ConfigError
 
+if TYPE_CHECKING:
+    from .filters import FilterSet
+
 __all__ = [
     "Admin",
     "Cluster",
     "ConfigError",
+    "FilterRef",
     "HeaderMatch",
     "Limits",
     "Listener",
@@ -372,12 +376,37 @@ Methods = Annotated[
     ),
 ]
 
+
+def _filter_ref_input(value: object) -> object:
+    """`module:Class` alone, or a one-key mapping `{module:Class: {arguments}}`."""
+    if isinstance(value, str):
+        return {"path": value, "args": {}}
+    if isinstance(value, Mapping) and len(value) == 1:
+        ((path, args),) = value.items()
+        return {"path": path, "args": {} if args is None else args}
+    raise ValueError(
+        "expected an import path such as plugins.tenant:RequireTenant, or a one-key mapping"
+        f" from it to its arguments, got {_show(value)}"
+    )
+
+
+def _import_path(value: str) -> str:
+    from .filters import import_path_error  # the filter API needs the compiled core
+
+    error = import_path_error(value)
+    if error:
+        raise ValueError(error)
+    return value
+
+
 _ListenerProtocol = Literal["http", "tcp"]
 _LbPolicy = Literal["p2c_ewma", "round_robin", "least_request"]
+_OnError = Literal["fail_closed", "fail_open"]
 _UpstreamProtocol = Literal["auto", "http1", "http2"]
 ListenerProtocol = Annotated[_ListenerProtocol, _one_of(_ListenerProtocol)]
 LbPolicy = Annotated[_LbPolicy, _one_of(_LbPolicy)]
 UpstreamProtocol = Annotated[_UpstreamProtocol, _one_of(_UpstreamProtocol)]
+OnError = Annotated[_OnError, _one_of(_OnError)]
 
 
 # --- models: the shape users write ------------------------------------------------------------
@@ -511,6 +540,39 @@ class RouteMatch(_Model):
         return self
 
 
+class FilterRef(_Model):
+    """A filter attached to a route: its class's import path and the arguments to create it."""
+
+    path: Annotated[str, AfterValidator(_import_path)] = Field(
+        description="module:Class, importable from the config's directory, the working"
+        " directory or PYTHONPATH."
+    )
+    args: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for the class's __init__."
+    )
+
+
+FilterRefValue = Annotated[
+    FilterRef,
+    BeforeValidator(_filter_ref_input),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "description": "module:Class, without arguments."},
+                {
+                    "type": "object",
+                    "description": "module:Class -> its keyword arguments.",
+                    "minProperties": 1,
+                    "maxProperties": 1,
+                    "additionalProperties": {"anyOf": [{"type": "object"}, {"type": "null"}]},
+                },
+            ],
+            "examples": ["plugins.request_id:CorrelationId", {"plugins.tenant:RequireTenant": {}}],
+        }
+    ),
+]
+
+
 class Route(_Model):
     """Where matching requests go. A listener's routes are tried in order; the first match wins."""
 
@@ -526,6 +588,27 @@ class Route(_Model):
         default=None,
         description="Time allowed for the upstream's response headers; null means no limit.",
     )
+    filters: list[FilterRefValue] = Field(
+        default_factory=list,
+        description="Python filters run on this route, in order (responses in reverse).",
+    )
+    filter_timeout: Duration = Field(
+        default=0.1,
+        description="Time the filters may take per phase (on_request, on_response), queueing"
+        " included; async hooks are cancelled past it.",
+    )
+    on_error: OnError = Field(
+        default="fail_closed",
+        description="When a filter raises or runs out of time: fail_closed answers 500 (raised)"
+        " or 503 (timed out); fail_open carries on as if the filter were not there.",
+    )
+
+    @field_validator("filter_timeout")
+    @classmethod
+    def _positive_budget(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError("expected a duration above zero")
+        return value
 
 
 class Listener(_Model):
@@ -601,12 +684,19 @@ class SidecarConfig(_Model):
             raise ValueError("expected at least one listener")
         return listeners
 
-    def to_core_json(self) -> str:
-        """The normalized config the Rust core consumes: every key present, defaults filled in."""
+    def to_core_json(self, filters: "FilterSet | None" = None) -> str:
+        """The normalized config the Rust core consumes: every key present, defaults filled in.
+
+        `filters` holds the chains made for this config (see `meshpy.filters.build_filter_set`);
+        it is required when any route has filters.
+        """
         return json.dumps(
             {
                 "admin": None if self.admin is None else {"listen": self.admin.listen},
-                "listeners": [_core_listener(listener) for listener in self.listeners],
+                "listeners": [
+                    _core_listener(listener, i, filters)
+                    for i, listener in enumerate(self.listeners)
+                ],
                 "clusters": [
                     {
                         "name": cluster.name,
@@ -622,7 +712,7 @@ class SidecarConfig(_Model):
         )
 
 
-def _core_listener(listener: Listener) -> dict[str, Any]:
+def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") -> dict[str, Any]:
     limits = listener.limits
     return {
         "name": listener.name,
@@ -639,11 +729,23 @@ def _core_listener(listener: Listener) -> dict[str, Any]:
             "header_read_timeout": limits.header_read_timeout,
             "idle_timeout": limits.idle_timeout,
         },
-        "routes": [_core_route(route) for route in listener.routes],
+        "routes": [
+            _core_route(route, _chain(filters, index, j, route))
+            for j, route in enumerate(listener.routes)
+        ],
     }
 
 
-def _core_route(route: Route) -> dict[str, Any]:
+def _chain(filters: "FilterSet | None", listener: int, route_index: int, route: Route) -> Any:
+    if not route.filters:
+        return None
+    chain = filters.chain(listener, route_index) if filters is not None else None
+    if chain is None:
+        raise ValueError(f"no filter chain was built for route {route.name!r}")
+    return chain.core_config()
+
+
+def _core_route(route: Route, chain: dict[str, Any] | None) -> dict[str, Any]:
     match = route.match
     return {
         "name": route.name,
@@ -665,6 +767,7 @@ def _core_route(route: Route) -> dict[str, Any]:
         },
         "cluster": route.cluster,
         "timeout": route.timeout,
+        "filters": chain,
     }
 
 
@@ -888,10 +991,25 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Sidec
         config = SidecarConfig.model_validate(data, context=context)
     except ValidationError as exc:
         raise ConfigError(_config_errors(exc)) from None
-    errors = _cross_check(config)
+    errors = _cross_check(config) or _check_filters(config, context["base_dir"])
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _check_filters(config: SidecarConfig, base_dir: Path) -> list[str]:
+    """Import every filter class and check its arguments against its __init__."""
+    from .filters import check_filter
+
+    errors = []
+    for i, listener in enumerate(config.listeners):
+        for j, route in enumerate(listener.routes):
+            for k, ref in enumerate(route.filters):
+                try:
+                    check_filter(ref.path, ref.args, base_dir)
+                except ValueError as exc:
+                    errors.append(f"listeners[{i}].routes[{j}].filters[{k}]: {exc}")
+    return errors
 
 
 def loads_config(

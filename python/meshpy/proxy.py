@@ -2,10 +2,14 @@
 
 import contextlib
 import hashlib
+import importlib
+import importlib.util
 import logging
 import os
 import signal
+import sys
 import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -13,6 +17,8 @@ from types import FrameType, TracebackType
 from . import _core
 from .config import SidecarConfig, _read_file, loads_config
 from .errors import ConfigError, ListenError, MeshpyError
+from .filters import FilterSet, build_filter_set
+from .runtime import FilterRuntime
 
 __all__ = ["Sidecar"]
 
@@ -39,6 +45,28 @@ def _digest(data: bytes) -> bytes:
     return hashlib.sha256(data).digest()
 
 
+def _stat_key(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _reimport(name: str, source: str) -> None:
+    """Import module `name` afresh from `source`; raises whatever its code raises."""
+    # The bytecode cache keys on mtime in whole seconds: a quick second edit could hit it.
+    with contextlib.suppress(OSError, NotImplementedError, ValueError):
+        os.unlink(importlib.util.cache_from_source(source))
+    sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    importlib.import_module(name)
+
+
+def _format_exception(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc)).rstrip()
+
+
 class Sidecar:
     """One proxy serving the config file at `path`, reloadable while it runs.
 
@@ -50,10 +78,23 @@ class Sidecar:
         self.path = Path(path)
         data = _read_file(self.path)
         self._config = self._parse(data)
+        self._filters = self._build_filters(self._config)
         self._seen = _digest(data)  # the content last applied or rejected
-        self._stat = self._stat_key()
-        with _core_errors(str(self.path)):
-            self._proxy = _core.Proxy(self._config.to_core_json(), workers)
+        self._stat = _stat_key(self.path)
+        self._module_stats = self._filter_module_stats()
+        self._runtime = FilterRuntime(_core.FilterQueue())
+        self._runtime.start()
+        try:
+            with _core_errors(str(self.path)):
+                self._proxy = _core.Proxy(
+                    self._config.to_core_json(self._filters),
+                    self._runtime.queue,
+                    self._filters.handles(),
+                    workers,
+                )
+        except BaseException:
+            self._runtime.stop()
+            raise
 
     @property
     def config(self) -> SidecarConfig:
@@ -87,6 +128,8 @@ class Sidecar:
         if self._proxy.is_running():
             with _core_errors(str(self.path)):
                 self._proxy.shutdown(drain_timeout)
+        # In-flight requests may need their filters until the drain is over.
+        self._runtime.stop()
 
     def run(self, drain_timeout: float) -> int:
         """Serve until SIGTERM or SIGINT, reloading on SIGHUP and when the file changes.
@@ -135,48 +178,101 @@ class Sidecar:
     def _parse(self, data: bytes) -> SidecarConfig:
         return loads_config(data, base_dir=self.path.parent, source=str(self.path))
 
+    def _build_filters(self, config: SidecarConfig) -> FilterSet:
+        try:
+            return build_filter_set(config, self.path.parent)
+        except ConfigError as exc:
+            raise ConfigError(exc.errors, str(self.path)) from None
+
     def _apply(self, data: bytes) -> bool:
         # Remember rejected content too, so polling does not retry (and re-log) the same bytes.
         self._seen = _digest(data)
         before = self.addresses
         try:
             config = self._parse(data)
+            filters = self._build_filters(config)
         except MeshpyError as exc:
             # Refused before reaching the core: count it there so metrics see every refusal.
             self._proxy.record_reload_failure()
             log.error("config rejected, keeping version %d:\n%s", self.version, exc)
             return False
-        try:
-            with _core_errors(str(self.path)):
-                version = self._proxy.reload(config.to_core_json())
-        except MeshpyError as exc:
-            log.error("config rejected, keeping version %d:\n%s", self.version, exc)
+        if not self._swap(config, filters, "config rejected"):
             return False
-        self._config = config
-        log.info("config version %d applied", version)
+        log.info("config version %d applied", self.version)
         if self.addresses != before:
             log.info("listening: %s", self._describe_addresses())
         return True
 
-    def _stat_key(self) -> tuple[int, int, int] | None:
+    def _swap(self, config: SidecarConfig, filters: FilterSet, refused: str) -> bool:
         try:
-            st = os.stat(self.path)
-        except OSError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
+            with _core_errors(str(self.path)):
+                self._proxy.reload(config.to_core_json(filters), filters.handles())
+        except MeshpyError as exc:
+            log.error("%s, keeping version %d:\n%s", refused, self.version, exc)
+            return False
+        self._config = config
+        self._filters = filters
+        self._module_stats = self._filter_module_stats()
+        return True
 
     def _poll(self) -> None:
-        """Reload when the file's content changed; a touch or a rewrite with equal bytes is not."""
-        key = self._stat_key()
-        if key is None or key == self._stat:
-            return  # unchanged, or briefly missing while an editor replaces it
+        """Reload when the file's content changed; a touch or a rewrite with equal bytes is not.
+
+        Also reloads filter code whose source file changed.
+        """
+        key = _stat_key(self.path)
+        if key is not None and key != self._stat:  # None: briefly missing while an editor saves
+            try:
+                data = self.path.read_bytes()
+            except OSError:
+                return
+            self._stat = key
+            if _digest(data) != self._seen:
+                self._apply(data)
+                return
+        changed = [
+            name
+            for name, seen in self._module_stats.items()
+            if _stat_key(Path(seen[0])) not in (None, seen[1])
+        ]
+        if changed:
+            self.reload_filters(changed)
+
+    def reload_filters(self, modules: list[str]) -> bool:
+        """Re-import the filter `modules` and swap new instances in; on any error keep the old."""
+        for name in modules:  # remember the attempt, so a broken file is not retried until saved
+            path = self._module_stats[name][0]
+            self._module_stats[name] = (path, _stat_key(Path(path)))
+        previous = {name: sys.modules.get(name) for name in modules}
         try:
-            data = self.path.read_bytes()
-        except OSError:
-            return
-        self._stat = key
-        if _digest(data) != self._seen:
-            self._apply(data)
+            for name in modules:
+                _reimport(name, self._module_stats[name][0])
+            filters = self._build_filters(self._config)
+        except Exception as exc:
+            for name, module in previous.items():
+                if module is not None:
+                    sys.modules[name] = module
+            self._proxy.record_reload_failure()
+            detail = str(exc) if isinstance(exc, ConfigError) else _format_exception(exc)
+            log.error(
+                "filter code in %s refused, keeping version %d:\n%s",
+                ", ".join(modules),
+                self.version,
+                detail,
+            )
+            return False
+        if not self._swap(self._config, filters, "filter reload refused"):
+            return False
+        log.info("filter code in %s reloaded, version %d", ", ".join(modules), self.version)
+        return True
+
+    def _filter_module_stats(self) -> dict[str, tuple[str, tuple[int, int, int] | None]]:
+        stats = {}
+        for name, module in self._filters.modules.items():
+            source = getattr(module, "__file__", None)
+            if source:
+                stats[name] = (source, _stat_key(Path(source)))
+        return stats
 
     def _describe_addresses(self) -> str:
         # Config order, then admin: the order users wrote them in.

@@ -4,9 +4,11 @@
 use std::time::Duration;
 
 use meshpy_dataplane::{Config, Error, Proxy as Core};
+use meshpy_filters::{chain_handles, runner, PyFilterQueue};
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 // The data plane allocates per request and per frame; mimalloc's thread-local heaps
 // keep that cheap on every worker thread.
@@ -32,18 +34,29 @@ struct Proxy {
 
 #[pymethods]
 impl Proxy {
+    /// `filters` runs the hooks of the filter chains in `chains` (by the ids the config names).
     #[new]
-    #[pyo3(signature = (config_json, workers=None))]
-    fn new(py: Python<'_>, config_json: &str, workers: Option<usize>) -> PyResult<Self> {
+    #[pyo3(signature = (config_json, filters, chains=None, workers=None))]
+    fn new(
+        py: Python<'_>,
+        config_json: &str,
+        filters: &PyFilterQueue,
+        chains: Option<&Bound<'_, PyDict>>,
+        workers: Option<usize>,
+    ) -> PyResult<Self> {
         let config = Config::from_json(config_json).map_err(to_py)?;
+        let chains = chain_handles(chains)?;
+        let runner = runner(filters);
         let workers = workers.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-        let core = py.detach(|| Core::start(config, workers)).map_err(to_py)?;
+        let core = py.detach(|| Core::start(config, workers, runner, &chains)).map_err(to_py)?;
         Ok(Self { core })
     }
 
-    fn reload(&self, py: Python<'_>, config_json: &str) -> PyResult<u64> {
+    #[pyo3(signature = (config_json, chains=None))]
+    fn reload(&self, py: Python<'_>, config_json: &str, chains: Option<&Bound<'_, PyDict>>) -> PyResult<u64> {
         let config = Config::from_json(config_json).map_err(to_py)?;
-        py.detach(|| self.core.reload(config)).map_err(to_py)
+        let chains = chain_handles(chains)?;
+        py.detach(|| self.core.reload(config, &chains)).map_err(to_py)
     }
 
     fn record_reload_failure(&self) {
@@ -78,6 +91,7 @@ fn init_logging(level: &str) -> PyResult<()> {
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add_class::<Proxy>()?;
+    meshpy_filters::register(m)?;
     m.add_function(wrap_pyfunction!(init_logging, m)?)?;
     m.add("CoreError", py.get_type::<CoreError>())?;
     m.add("CoreConfigError", py.get_type::<CoreConfigError>())?;

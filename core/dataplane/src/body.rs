@@ -11,6 +11,7 @@ use hyper::body::Incoming;
 use pin_project_lite::pin_project;
 
 use crate::balance::InFlight;
+use crate::filter::LogOnDrop;
 use crate::pool::Checkout;
 
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -27,17 +28,45 @@ impl fmt::Display for BodyTooLarge {
 
 impl StdError for BodyTooLarge {}
 
-/// The downstream request body on its way upstream, cut off past the size limit.
-pub struct RequestBody {
-    inner: Incoming,
-    limit: Option<u64>,
-    seen: u64,
+/// The downstream request body on its way upstream: streamed and cut off past the
+/// size limit, or already read whole because a filter asked for it.
+pub enum RequestBody {
+    Streaming { inner: Incoming, limit: Option<u64>, seen: u64 },
+    Buffered(Option<Bytes>),
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, limit: Option<u64>) -> Self {
-        Self { inner, limit, seen: 0 }
+        Self::Streaming { inner, limit, seen: 0 }
     }
+
+    pub fn buffered(data: Bytes) -> Self {
+        Self::Buffered((!data.is_empty()).then_some(data))
+    }
+}
+
+/// Why a request body could not be read whole.
+pub enum ReadError {
+    TooLarge(u64),
+    Client(hyper::Error),
+}
+
+/// Reads a request body whole, refusing it past `limit` bytes without reading further.
+pub async fn read_to_limit(mut body: Incoming, limit: u64) -> Result<Bytes, ReadError> {
+    use http_body_util::BodyExt;
+    if body.size_hint().lower() > limit {
+        return Err(ReadError::TooLarge(limit));
+    }
+    let mut data = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(chunk) = frame.map_err(ReadError::Client)?.into_data() {
+            if (data.len() + chunk.len()) as u64 > limit {
+                return Err(ReadError::TooLarge(limit));
+            }
+            data.extend_from_slice(&chunk);
+        }
+    }
+    Ok(data.freeze())
 }
 
 impl Body for RequestBody {
@@ -48,12 +77,15 @@ impl Body for RequestBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let (inner, limit, seen) = match &mut *self {
+            Self::Streaming { inner, limit, seen } => (inner, *limit, seen),
+            Self::Buffered(data) => return Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(limit), Some(data)) = (this.limit, frame.data_ref()) {
-                    this.seen += data.len() as u64;
-                    if this.seen > limit {
+                if let (Some(limit), Some(data)) = (limit, frame.data_ref()) {
+                    *seen += data.len() as u64;
+                    if *seen > limit {
                         return Poll::Ready(Some(Err(Box::new(BodyTooLarge(limit)))));
                     }
                 }
@@ -66,11 +98,17 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match self {
+            Self::Streaming { inner, .. } => inner.is_end_stream(),
+            Self::Buffered(data) => data.is_none(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self {
+            Self::Streaming { inner, .. } => inner.size_hint(),
+            Self::Buffered(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
     }
 }
 
@@ -87,6 +125,8 @@ pin_project! {
             checkout: Option<Checkout>,
         },
         Local { data: Option<Bytes> },
+        // Any of the above, with the route's log hooks called once it is dropped.
+        Logged { inner: Box<ResponseBody>, log: LogOnDrop },
     }
 }
 
@@ -104,6 +144,10 @@ impl ResponseBody {
     pub fn local(data: impl Into<Bytes>) -> Self {
         let data: Bytes = data.into();
         Self::Local { data: (!data.is_empty()).then_some(data) }
+    }
+
+    pub fn logged(self, log: LogOnDrop) -> Self {
+        Self::Logged { inner: Box::new(self), log }
     }
 }
 
@@ -139,6 +183,7 @@ impl Body for ResponseBody {
                 poll.map(|frame| frame.map(|r| r.map_err(BoxError::from)))
             }
             ResponseBodyProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+            ResponseBodyProj::Logged { inner, .. } => Pin::new(&mut **inner).poll_frame(cx),
         }
     }
 
@@ -146,6 +191,7 @@ impl Body for ResponseBody {
         match self {
             Self::Upstream { inner, .. } => inner.is_end_stream(),
             Self::Local { data } => data.is_none(),
+            Self::Logged { inner, .. } => inner.is_end_stream(),
         }
     }
 
@@ -153,6 +199,7 @@ impl Body for ResponseBody {
         match self {
             Self::Upstream { inner, .. } => inner.size_hint(),
             Self::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+            Self::Logged { inner, .. } => inner.size_hint(),
         }
     }
 }

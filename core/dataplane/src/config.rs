@@ -59,6 +59,34 @@ pub struct RouteConfig {
     pub matches: MatchConfig,
     pub cluster: String,
     pub timeout: Option<f64>,
+    pub filters: Option<FilterChainConfig>,
+}
+
+/// A route's Python filters, as the data plane needs to know them: which phases have
+/// hooks, the body they want, their budget. The filter objects themselves are handed
+/// to the core beside the config, keyed by `chain`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FilterChainConfig {
+    pub chain: u64,
+    /// The filters' import paths, in order.
+    pub names: Vec<String>,
+    pub on_request: bool,
+    pub on_response: bool,
+    pub on_log: bool,
+    /// Buffer the request body up to this many bytes for `on_request`; over it, 413.
+    pub body_limit: Option<u64>,
+    /// Seconds one phase may take, queueing included.
+    pub timeout: f64,
+    pub on_error: OnError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnError {
+    /// Answer 500 (the filter raised) or 503 (it timed out or could not run).
+    FailClosed,
+    /// Carry on as if the failing filter were not there.
+    FailOpen,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -16,8 +16,14 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
 use crate::balance::InFlight;
-use crate::body::{BodyTooLarge, RequestBody, ResponseBody};
+use crate::body::{read_to_limit, BodyTooLarge, ReadError, RequestBody, ResponseBody};
+use crate::cluster::Cluster;
+use crate::config::OnError;
 use crate::drain::DrainGuard;
+use crate::filter::{
+    call_request, call_response, FailReason, Failure, FilterChain, LogOnDrop, LogRecord, Phase, RequestHead,
+    RequestState, RequestVerdict, ResponseVerdict,
+};
 use crate::io::ConnState;
 use crate::pool::{Checkout, SendError};
 use crate::proxy::Shared;
@@ -96,15 +102,222 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         return Ok(ProxyError::NoRoute(host).into_response(grpc));
     };
     route.metrics.request();
-    let response = match forward(&ctx, &listener, route, req).await {
+    let Some(chain) = &route.filters else {
+        let response = match forward(&ctx, &listener, route, req, None).await {
+            Ok(response) => response,
+            Err(e) => {
+                tracing::debug!(route = %route.name, error = %e, "request failed");
+                e.into_response(grpc)
+            }
+        };
+        route.metrics.response(response.status().as_u16(), started.elapsed());
+        return Ok(response);
+    };
+
+    // The request line, for the log hooks of a request refused before the filters saw it.
+    let request_line = chain.on_log.then(|| head_of(&req, &ctx, route, HeaderMap::new()));
+    let mut exchanged = Exchanged::default();
+    let mut response = match forward(&ctx, &listener, route, req, Some((chain, &mut exchanged))).await {
         Ok(response) => response,
         Err(e) => {
             tracing::debug!(route = %route.name, error = %e, "request failed");
+            exchanged.error.get_or_insert_with(|| e.to_string());
             e.into_response(grpc)
         }
     };
     route.metrics.response(response.status().as_u16(), started.elapsed());
+    if let Some(line) = request_line {
+        let request = exchanged.request.unwrap_or(RequestState::Head(Box::new(line)));
+        let record = LogRecord {
+            status: response.status().as_u16(),
+            duration: Duration::ZERO,
+            cluster: exchanged.cluster.unwrap_or_else(|| route.cluster.name().into()),
+            error: exchanged.error,
+        };
+        let log = LogOnDrop::new(ctx.shared.filters.clone(), chain.clone(), request, record, started);
+        response = response.map(|body| body.logged(log));
+    }
     Ok(response)
+}
+
+/// What the filter phases of one request leave for the next ones.
+#[derive(Default)]
+struct Exchanged {
+    request: Option<RequestState>,
+    /// A filter's choice of cluster.
+    cluster: Option<Arc<str>>,
+    /// Why the proxy or a filter answered instead of the upstream.
+    error: Option<String>,
+}
+
+/// The request as filters see it, with `headers` (taken or copied by the caller).
+fn head_of<B>(req: &Request<B>, ctx: &ConnCtx, route: &Route, headers: HeaderMap) -> RequestHead {
+    let authority = match req.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
+    };
+    RequestHead {
+        method: req.method().clone(),
+        scheme: if ctx.tls { "https" } else { "http" },
+        authority: authority.to_owned(),
+        path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        headers,
+        body: None,
+        identity: None,
+        route: route.name.clone(),
+        cluster: route.cluster.name().into(),
+    }
+}
+
+/// Where the request phase leaves a request: on its way upstream, or answered.
+enum Filtered {
+    Forward { parts: http::request::Parts, body: RequestBody, cluster: Option<Arc<Cluster>> },
+    Respond(Response<ResponseBody>),
+}
+
+/// Runs the route's `on_request` hooks, reading the body first when they asked for it.
+async fn request_phase(
+    ctx: &ConnCtx,
+    listener: &Listener,
+    route: &Route,
+    chain: &Arc<FilterChain>,
+    parts: http::request::Parts,
+    body: Incoming,
+    exchanged: &mut Exchanged,
+) -> Result<Filtered, ProxyError> {
+    let buffered = match chain.body_limit {
+        Some(limit) => {
+            let limit = listener.max_body_bytes.map_or(limit, |max| max.min(limit));
+            match read_to_limit(body, limit).await {
+                Ok(data) => Err(data),
+                Err(ReadError::TooLarge(limit)) => return Err(ProxyError::TooLarge(limit)),
+                Err(ReadError::Client(e)) => {
+                    tracing::debug!(error = %e, "request body could not be read");
+                    return Err(ProxyError::BadRequest("request body could not be read"));
+                }
+            }
+        }
+        None => Ok(body),
+    };
+    let fail_open = chain.on_error == OnError::FailOpen;
+    // Kept only where a failing filter may be skipped: the request then goes on as it came.
+    let original = fail_open.then(|| parts.headers.clone());
+    let request = Request::from_parts(parts, ());
+    let mut head = head_of(&request, ctx, route, HeaderMap::new());
+    let (mut parts, ()) = request.into_parts();
+    head.headers = std::mem::take(&mut parts.headers);
+    head.body = buffered.as_ref().err().cloned();
+    let forward_body = |buffered: Result<Incoming, Bytes>| match buffered {
+        Ok(body) => RequestBody::new(body, listener.max_body_bytes),
+        Err(data) => RequestBody::buffered(data),
+    };
+    let failure = match call_request(&*ctx.shared.filters, chain, head).await {
+        RequestVerdict::Continue { exchange, headers, path_and_query, body, cluster } => {
+            exchanged.request = exchange.map(RequestState::Exchange);
+            parts.headers = headers;
+            if path_and_query != parts.uri.path_and_query().map_or("/", |p| p.as_str()) {
+                parts.uri = Uri::try_from(path_and_query)
+                    .map_err(|_| ProxyError::BadRequest("a filter set an invalid path"))?;
+            }
+            let buffered = match (buffered, body) {
+                (Err(_), Some(data)) => {
+                    if !data.is_empty() || parts.headers.contains_key(header::CONTENT_LENGTH) {
+                        parts.headers.insert(header::CONTENT_LENGTH, HeaderValue::from(data.len()));
+                    }
+                    Err(data)
+                }
+                (buffered, _) => buffered,
+            };
+            let chosen = match cluster {
+                None => return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None }),
+                Some(name) => ctx.shared.snapshot.load().clusters.get(&name).cloned().ok_or(name),
+            };
+            match chosen {
+                Ok(cluster) => {
+                    exchanged.cluster = Some(cluster.name().into());
+                    let body = forward_body(buffered);
+                    return Ok(Filtered::Forward { parts, body, cluster: Some(cluster) });
+                }
+                Err(name) => {
+                    tracing::warn!(route = %route.name, cluster = %name, "a filter routed to an unknown cluster");
+                    chain.metrics.failure(Phase::Request, &chain.names, FailReason::Exception);
+                    exchanged.error =
+                        Some(format!("filter {} routed to unknown cluster \"{name}\"", chain.names));
+                    if !fail_open {
+                        return Err(ProxyError::Filter {
+                            status: StatusCode::INTERNAL_SERVER_ERROR,
+                            message: exchanged.error.clone().unwrap_or_default(),
+                        });
+                    }
+                    return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None });
+                }
+            }
+        }
+        RequestVerdict::Respond { status, headers, body } => {
+            let mut response = Response::new(ResponseBody::local(body));
+            *response.status_mut() = status;
+            *response.headers_mut() = headers;
+            *response.version_mut() = parts.version;
+            return Ok(Filtered::Respond(response));
+        }
+        RequestVerdict::Failed(failure) => failure,
+    };
+    let closed = exchanged.failed(failure);
+    match original {
+        Some(headers) => {
+            parts.headers = headers;
+            Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None })
+        }
+        None => Err(closed),
+    }
+}
+
+/// Runs the route's `on_response` hooks on the upstream's response head.
+async fn response_phase(
+    ctx: &ConnCtx,
+    chain: &Arc<FilterChain>,
+    response: Response<ResponseBody>,
+    exchanged: &mut Exchanged,
+) -> Result<Response<ResponseBody>, ProxyError> {
+    let Some(request) = exchanged.request.take() else { return Ok(response) };
+    let (mut parts, body) = response.into_parts();
+    let fail_open = chain.on_error == OnError::FailOpen;
+    let original = fail_open.then(|| parts.headers.clone());
+    let headers = std::mem::take(&mut parts.headers);
+    match call_response(&*ctx.shared.filters, chain, request, parts.status, headers).await {
+        ResponseVerdict::Continue { exchange, status, headers } => {
+            exchanged.request = Some(RequestState::Exchange(exchange));
+            parts.status = status;
+            parts.headers = headers;
+            Ok(Response::from_parts(parts, body))
+        }
+        ResponseVerdict::Failed(failure) => {
+            let closed = exchanged.failed(failure);
+            match original {
+                Some(headers) => {
+                    parts.headers = headers;
+                    Ok(Response::from_parts(parts, body))
+                }
+                None => Err(closed),
+            }
+        }
+    }
+}
+
+impl Exchanged {
+    /// Records a filter failure; returns the answer a fail-closed route gives: 500 for
+    /// a filter that raised, 503 for one that could not answer.
+    fn failed(&mut self, failure: Failure) -> ProxyError {
+        tracing::debug!(error = %failure, "filter failed");
+        let message = failure.to_string();
+        self.error = Some(message.clone());
+        self.request = failure.exchange.map(RequestState::Exchange);
+        let status = match failure.reason {
+            FailReason::Exception => StatusCode::INTERNAL_SERVER_ERROR,
+            FailReason::Timeout | FailReason::Overload => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        ProxyError::Filter { status, message }
+    }
 }
 
 async fn forward(
@@ -112,6 +325,7 @@ async fn forward(
     listener: &Listener,
     route: &Route,
     mut req: Request<Incoming>,
+    mut filters: Option<(&Arc<FilterChain>, &mut Exchanged)>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     if let Some(limit) = listener.max_body_bytes {
         if req.body().size_hint().lower() > limit {
@@ -125,7 +339,25 @@ async fn forward(
     let (mut parts, body) = req.into_parts();
     prepare_request_headers(&mut parts.headers, &parts.uri, ctx, downstream_upgrade.is_some());
 
-    let cluster = &route.cluster;
+    let (mut parts, body, chosen) = match &mut filters {
+        Some((chain, exchanged)) if chain.on_request => {
+            match request_phase(ctx, listener, route, chain, parts, body, exchanged).await? {
+                Filtered::Forward { parts, body, cluster } => (parts, body, cluster),
+                Filtered::Respond(response) => return Ok(response),
+            }
+        }
+        _ => (parts, RequestBody::new(body, listener.max_body_bytes), None),
+    };
+    if let Some((chain, exchanged)) = &mut filters {
+        // Later phases without the request phase's object see the request as forwarded.
+        if chain.keeps_exchange() && exchanged.request.is_none() {
+            let request = Request::from_parts(parts, ());
+            let head = head_of(&request, ctx, route, request.headers().clone());
+            parts = request.into_parts().0;
+            exchanged.request = Some(RequestState::Head(Box::new(head)));
+        }
+    }
+    let cluster = chosen.as_ref().unwrap_or(&route.cluster);
     let upgrading = downstream_upgrade.is_some();
     let upstream_http2 = !upgrading && cluster.upstream_http2(downstream_http2);
     let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -139,7 +371,7 @@ async fn forward(
     }
     .map_err(|_| ProxyError::BadRequest("request target cannot be forwarded"))?;
     parts.version = if upstream_http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-    let mut request = Request::from_parts(parts, RequestBody::new(body, listener.max_body_bytes));
+    let mut request = Request::from_parts(parts, body);
 
     // A refused connection means nothing reached the upstream, so the request (body
     // included) can go to another endpoint: one more try, like Envoy's connect-failure retry.
@@ -159,13 +391,16 @@ async fn forward(
             Ok((response, checkout)) => {
                 in_flight.observe_latency();
                 let downstream_upgrade = downstream_upgrade.map(|u| (u, ctx.shared.drain.guard()));
-                return Ok(finish_response(
-                    response,
-                    in_flight,
-                    checkout,
-                    downstream_version,
-                    downstream_upgrade,
-                ));
+                let response =
+                    finish_response(response, in_flight, checkout, downstream_version, downstream_upgrade);
+                return match filters {
+                    Some((chain, exchanged))
+                        if chain.on_response && response.status() != StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        response_phase(ctx, chain, response, exchanged).await
+                    }
+                    _ => Ok(response),
+                };
             }
             Err(SendError::Connect { cause, request: unsent }) => {
                 cluster.balancer.eject(in_flight.endpoint());
@@ -367,9 +602,25 @@ pub enum ProxyError {
     BadRequest(&'static str),
     TooLarge(u64),
     NoEndpoint(String),
-    Connect { cluster: String, endpoint: String, cause: String },
-    Upstream { cluster: String, endpoint: String, cause: String },
-    Timeout { cluster: String, after: Duration },
+    Connect {
+        cluster: String,
+        endpoint: String,
+        cause: String,
+    },
+    Upstream {
+        cluster: String,
+        endpoint: String,
+        cause: String,
+    },
+    Timeout {
+        cluster: String,
+        after: Duration,
+    },
+    /// A filter failed on a fail-closed route.
+    Filter {
+        status: StatusCode,
+        message: String,
+    },
 }
 
 impl fmt::Display for ProxyError {
@@ -389,6 +640,7 @@ impl fmt::Display for ProxyError {
             Self::Timeout { cluster, after } => {
                 write!(f, "upstream timeout: cluster \"{cluster}\" did not respond within {after:?}")
             }
+            Self::Filter { message, .. } => f.write_str(message),
         }
     }
 }
@@ -403,6 +655,7 @@ impl ProxyError {
             Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::Upstream { .. } => StatusCode::BAD_GATEWAY,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::Filter { status, .. } => *status,
         }
     }
 
@@ -414,6 +667,8 @@ impl ProxyError {
             Self::TooLarge(_) => "8",
             Self::Timeout { .. } => "4",
             Self::NotHttp => "13",
+            Self::Filter { status, .. } if *status == StatusCode::INTERNAL_SERVER_ERROR => "13",
+            Self::Filter { .. } => "14",
             Self::NoEndpoint(_) | Self::Connect { .. } | Self::Upstream { .. } => "14",
         }
     }

@@ -8,6 +8,7 @@ mod body;
 mod cluster;
 pub mod config;
 mod drain;
+pub mod filter;
 mod http_proxy;
 mod io;
 mod listener;

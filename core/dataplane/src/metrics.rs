@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::filter::{FailReason, Phase};
+
 /// Upper bounds of the latency buckets, in milliseconds (Linkerd's buckets).
 const LATENCY_BUCKETS_MS: [u64; 25] = [
     1, 2, 3, 4, 5, 10, 20, 30, 40, 50, 100, 200, 300, 400, 500, 1000, 2000, 3000, 4000, 5000, 10000, 20000,
@@ -19,11 +21,41 @@ const LATENCY_BUCKETS_MS: [u64; 25] = [
 const MIN_STATUS: u16 = 100;
 const STATUS_SLOTS: usize = 500;
 
+/// A latency histogram over [`LATENCY_BUCKETS_MS`].
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new() -> Self {
+        Self { buckets: std::array::from_fn(|_| AtomicU64::new(0)), sum_us: AtomicU64::new(0) }
+    }
+
+    fn observe(&self, latency: Duration) {
+        let ms = latency.as_millis() as u64;
+        let bucket = LATENCY_BUCKETS_MS.partition_point(|&bound| bound < ms);
+        self.buckets[bucket].fetch_add(1, Relaxed);
+        self.sum_us.fetch_add(latency.as_micros() as u64, Relaxed);
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bucket) in self.buckets.iter().enumerate() {
+            cumulative += bucket.load(Relaxed);
+            let le = LATENCY_BUCKETS_MS.get(i).map_or("+Inf".to_owned(), u64::to_string);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        let sum_ms = self.sum_us.load(Relaxed) as f64 / 1000.0;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum_ms}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
 pub struct RouteMetrics {
     requests: AtomicU64,
     responses: Box<[AtomicU64]>,
-    buckets: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
-    latency_sum_us: AtomicU64,
+    latency: Histogram,
 }
 
 impl RouteMetrics {
@@ -31,8 +63,7 @@ impl RouteMetrics {
         Self {
             requests: AtomicU64::new(0),
             responses: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
-            latency_sum_us: AtomicU64::new(0),
+            latency: Histogram::new(),
         }
     }
 
@@ -43,10 +74,40 @@ impl RouteMetrics {
     pub fn response(&self, status: u16, latency: Duration) {
         let slot = usize::from(status.saturating_sub(MIN_STATUS)).min(STATUS_SLOTS - 1);
         self.responses[slot].fetch_add(1, Relaxed);
-        let ms = latency.as_millis() as u64;
-        let bucket = LATENCY_BUCKETS_MS.partition_point(|&bound| bound < ms);
-        self.buckets[bucket].fetch_add(1, Relaxed);
-        self.latency_sum_us.fetch_add(latency.as_micros() as u64, Relaxed);
+        self.latency.observe(latency);
+    }
+}
+
+const PHASES: [Phase; 3] = [Phase::Request, Phase::Response, Phase::Log];
+
+/// Calls into a route's filter chain: counts and latency per phase on the hot path,
+/// failures (rare) in a locked map keyed by phase, filter and reason.
+pub struct FilterMetrics {
+    calls: [AtomicU64; 3],
+    latency: [Histogram; 3],
+    failures: Mutex<BTreeMap<(&'static str, String, &'static str), u64>>,
+}
+
+impl FilterMetrics {
+    fn new() -> Self {
+        Self {
+            calls: std::array::from_fn(|_| AtomicU64::new(0)),
+            latency: std::array::from_fn(|_| Histogram::new()),
+            failures: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn call(&self, phase: Phase) {
+        self.calls[phase as usize].fetch_add(1, Relaxed);
+    }
+
+    pub fn latency(&self, phase: Phase, latency: Duration) {
+        self.latency[phase as usize].observe(latency);
+    }
+
+    pub fn failure(&self, phase: Phase, filter: &str, reason: FailReason) {
+        let key = (phase.as_str(), filter.to_owned(), reason.as_str());
+        *self.failures.lock().unwrap().entry(key).or_default() += 1;
     }
 }
 
@@ -68,6 +129,7 @@ pub struct ListenerMetrics {
 #[derive(Default)]
 struct Series {
     routes: BTreeMap<(String, String, String), Arc<RouteMetrics>>,
+    filters: BTreeMap<(String, String), Arc<FilterMetrics>>,
     clusters: BTreeMap<String, Arc<ClusterMetrics>>,
     listeners: BTreeMap<String, Arc<ListenerMetrics>>,
 }
@@ -87,6 +149,12 @@ impl Registry {
         series.routes.entry(key).or_insert_with(|| Arc::new(RouteMetrics::new())).clone()
     }
 
+    pub fn filters(&self, listener: &str, route: &str) -> Arc<FilterMetrics> {
+        let key = (listener.to_owned(), route.to_owned());
+        let mut series = self.series.lock().unwrap();
+        series.filters.entry(key).or_insert_with(|| Arc::new(FilterMetrics::new())).clone()
+    }
+
     pub fn cluster(&self, name: &str) -> Arc<ClusterMetrics> {
         let mut series = self.series.lock().unwrap();
         series.clusters.entry(name.to_owned()).or_default().clone()
@@ -102,6 +170,7 @@ impl Registry {
         let series = self.series.lock().unwrap();
         let mut out = String::with_capacity(8192);
         render_routes(&mut out, &series.routes);
+        render_filters(&mut out, &series.filters);
         render_clusters(&mut out, &series.clusters);
         render_listeners(&mut out, &series.listeners);
         header(&mut out, "config_version", "gauge", "Version of the active configuration.");
@@ -154,16 +223,52 @@ fn render_routes(out: &mut String, routes: &BTreeMap<(String, String, String), A
         "Time from receiving a request to sending the response headers, in milliseconds.",
     );
     for (key, m) in routes {
-        let labels = labels(key);
-        let mut cumulative = 0;
-        for (i, bucket) in m.buckets.iter().enumerate() {
-            cumulative += bucket.load(Relaxed);
-            let le = LATENCY_BUCKETS_MS.get(i).map_or("+Inf".to_owned(), u64::to_string);
-            let _ = writeln!(out, "response_latency_ms_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        m.latency.render(out, "response_latency_ms", &labels(key));
+    }
+}
+
+fn render_filters(out: &mut String, filters: &BTreeMap<(String, String), Arc<FilterMetrics>>) {
+    let labels = |(l, r): &(String, String), phase: Phase| {
+        format!("listener=\"{}\",route=\"{}\",phase=\"{}\"", esc(l), esc(r), phase.as_str())
+    };
+    header(out, "filter_calls_total", "counter", "Calls into a route's Python filters, by phase.");
+    for (key, m) in filters {
+        for phase in PHASES {
+            let count = m.calls[phase as usize].load(Relaxed);
+            if count > 0 {
+                let _ = writeln!(out, "filter_calls_total{{{}}} {count}", labels(key, phase));
+            }
         }
-        let sum_ms = m.latency_sum_us.load(Relaxed) as f64 / 1000.0;
-        let _ = writeln!(out, "response_latency_ms_sum{{{labels}}} {sum_ms}");
-        let _ = writeln!(out, "response_latency_ms_count{{{labels}}} {cumulative}");
+    }
+    header(
+        out,
+        "filter_errors_total",
+        "counter",
+        "Filter calls that raised, ran out of time, or found the filter queue full.",
+    );
+    for (key, m) in filters {
+        for ((phase, filter, reason), count) in m.failures.lock().unwrap().iter() {
+            let _ = writeln!(
+                out,
+                "filter_errors_total{{listener=\"{}\",route=\"{}\",phase=\"{phase}\",filter=\"{}\",reason=\"{reason}\"}} {count}",
+                esc(&key.0),
+                esc(&key.1),
+                esc(filter)
+            );
+        }
+    }
+    header(
+        out,
+        "filter_latency_ms",
+        "histogram",
+        "Time a request waited for its filters in one phase, queueing included, in milliseconds.",
+    );
+    for (key, m) in filters {
+        for phase in [Phase::Request, Phase::Response] {
+            if m.calls[phase as usize].load(Relaxed) > 0 {
+                m.latency[phase as usize].render(out, "filter_latency_ms", &labels(key, phase));
+            }
+        }
     }
 }
 

@@ -13,6 +13,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::filter::{ChainHandle, FilterRunner};
 use crate::listener::accept_loop;
 use crate::metrics::Registry;
 use crate::snapshot::{Kind, Snapshot};
@@ -21,6 +22,8 @@ use crate::Error;
 /// State shared by every task of the proxy.
 pub struct Shared {
     pub snapshot: ArcSwap<Snapshot>,
+    /// Runs the Python filters of the routes that have them.
+    pub filters: Arc<dyn FilterRunner>,
     pub registry: Registry,
     pub drain: Arc<Drain>,
     /// Bound address of each accept loop, by listener key.
@@ -93,17 +96,24 @@ pub struct Proxy {
 
 impl Proxy {
     /// Starts `workers` data-plane threads, binds every listener and starts serving.
-    /// Returns once all sockets are bound.
-    pub fn start(config: Config, workers: usize) -> Result<Self, Error> {
+    /// Returns once all sockets are bound. `chains` are the filter runner's objects for
+    /// the filter chains the config names.
+    pub fn start(
+        config: Config,
+        workers: usize,
+        filters: Arc<dyn FilterRunner>,
+        chains: &HashMap<u64, ChainHandle>,
+    ) -> Result<Self, Error> {
         let workers = (0..workers.max(1)).map(Worker::spawn).collect::<Result<Vec<_>, _>>()?;
         let handle = workers[0].handle.clone();
         let registry = Registry::default();
         let snapshot = {
             let _entered = handle.enter();
-            Snapshot::build(config, 1, None, &registry)?
+            Snapshot::build(config, 1, None, &registry, chains)?
         };
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(empty_snapshot()),
+            filters,
             registry,
             drain: Drain::new(),
             bound: Mutex::new(HashMap::new()),
@@ -120,7 +130,7 @@ impl Proxy {
     }
 
     /// Validates and swaps in a new config. On any error the old config stays.
-    pub fn reload(&self, config: Config) -> Result<u64, Error> {
+    pub fn reload(&self, config: Config, chains: &HashMap<u64, ChainHandle>) -> Result<u64, Error> {
         let _serial = self.reload_lock.lock().unwrap();
         if !self.is_running() {
             return Err(Error::Config("the proxy has shut down".into()));
@@ -128,7 +138,7 @@ impl Proxy {
         let current = self.shared.snapshot.load_full();
         let built = {
             let _entered = self.handle.enter();
-            Snapshot::build(config, current.version + 1, Some(&current), &self.shared.registry)
+            Snapshot::build(config, current.version + 1, Some(&current), &self.shared.registry, chains)
         };
         let result = built.and_then(|snapshot| self.apply(snapshot));
         match &result {

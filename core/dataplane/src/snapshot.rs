@@ -14,17 +14,19 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig, Protocol};
+use crate::filter::{ChainHandle, FilterChain};
 use crate::metrics::{ListenerMetrics, Registry, RouteMetrics};
 use crate::routing::Matcher;
 use crate::tls;
 use crate::Error;
 
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
     pub matcher: Matcher,
     pub cluster: Arc<Cluster>,
     pub timeout: Option<Duration>,
     pub metrics: Arc<RouteMetrics>,
+    pub filters: Option<Arc<FilterChain>>,
 }
 
 pub enum Kind {
@@ -66,11 +68,13 @@ pub struct Snapshot {
 pub const ADMIN_LISTENER: &str = "admin";
 
 impl Snapshot {
+    /// `chains` holds the filter runner's object for every `filters.chain` the config names.
     pub fn build(
         config: Config,
         version: u64,
         previous: Option<&Snapshot>,
         registry: &Registry,
+        chains: &HashMap<u64, ChainHandle>,
     ) -> Result<Self, Error> {
         let mut clusters = HashMap::new();
         for c in &config.clusters {
@@ -102,12 +106,29 @@ impl Snapshot {
                     for (j, r) in l.routes.iter().enumerate() {
                         let at = format!("{at}.routes[{j}]");
                         let cluster = lookup(&r.cluster, &format!("{at}.cluster"))?;
+                        let filters = match &r.filters {
+                            Some(f) => {
+                                let handle = chains.get(&f.chain).cloned().ok_or_else(|| {
+                                    Error::Config(format!(
+                                        "{at}.filters: filter chain {} was not provided",
+                                        f.chain
+                                    ))
+                                })?;
+                                Some(Arc::new(FilterChain::new(
+                                    f,
+                                    handle,
+                                    registry.filters(&l.name, &r.name),
+                                )))
+                            }
+                            None => None,
+                        };
                         routes.push(Route {
                             matcher: Matcher::compile(&r.matches, &at)?,
                             metrics: registry.route(&l.name, &r.name, cluster.name()),
                             timeout: r.timeout.map(Duration::from_secs_f64),
-                            name: r.name.clone(),
+                            name: r.name.as_str().into(),
                             cluster,
+                            filters,
                         });
                     }
                     Kind::Http { routes, server: Box::new(HttpServer::new(l)) }

@@ -1,0 +1,366 @@
+"""The thread that runs filter hooks for the data plane.
+
+The tokio workers queue calls and never take the GIL. This thread sleeps in an asyncio
+event loop on the queue's descriptor; when woken it takes every waiting call in one go
+and runs their hooks: plain hooks inline, `async` hooks as tasks on the same loop under
+the route's time budget (cancelled past it). A plain hook that blocks cannot be
+cancelled, so a watchdog moves the work to a fresh thread when one holds it too long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import threading
+import time
+import traceback
+from collections.abc import Awaitable, Coroutine
+from typing import Any
+
+from . import _core
+from .filters import Chain, Hook, Response
+
+__all__ = ["FilterRuntime"]
+
+log = logging.getLogger("meshpy.filters")
+
+_BATCH = 256  # calls taken per wake-up, so one burst cannot starve the loop's other work
+_MAX_DISTINCT_ERRORS = 1024  # errors remembered for log-once; past it every error is logged
+_MAX_RETIRED = 16  # blocked threads abandoned before the watchdog stops replacing them
+_WATCH_INTERVAL = 0.1  # seconds between the watchdog's looks
+
+
+class _ErrorLog:
+    """Logs each distinct filter error once, with its traceback; the metrics count every one."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[Any, ...]] = set()
+        self._lock = threading.Lock()
+
+    def first(self, key: tuple[Any, ...]) -> bool:
+        with self._lock:
+            if key in self._seen:
+                return False
+            if len(self._seen) < _MAX_DISTINCT_ERRORS:
+                self._seen.add(key)
+            return True
+
+    def exception(self, hook: Hook, phase: str, exc: BaseException) -> None:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = (frames[-1].filename, frames[-1].lineno) if frames else None
+        if self.first((hook.name, phase, type(exc), where)):
+            text = "".join(traceback.format_exception(exc)).rstrip()
+            log.error(
+                "filter %s raised in %s (each distinct error is logged once;"
+                " filter_errors_total counts them all):\n%s",
+                hook.name,
+                phase,
+                text,
+            )
+
+    def timeout(self, hook: Hook, phase: str, budget: float) -> None:
+        if self.first((hook.name, phase, "timeout")):
+            log.error(
+                "filter %s did not finish %s within the route's filter_timeout of %gms"
+                " (logged once; filter_errors_total counts every time)",
+                hook.name,
+                phase,
+                budget * 1000,
+            )
+
+
+class _Dispatcher:
+    """One thread and its event loop, running the hooks of the calls it takes."""
+
+    def __init__(self, queue: _core.FilterQueue, errors: _ErrorLog, generation: int) -> None:
+        self._queue = queue
+        self._errors = errors
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.retired = False
+        # The plain hook running now and since when, for the watchdog.
+        self.busy: tuple[str, float] | None = None
+        self._ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, name=f"meshpy-filters-{generation}", daemon=True
+        )
+
+    def start(self) -> None:
+        self.thread.start()
+        self._ready.wait()
+
+    def stop(self, timeout: float) -> None:
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(loop.stop)
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        loop.add_reader(self._queue.fileno(), self._drain)
+        self._ready.set()
+        try:
+            loop.run_forever()
+        finally:
+            loop.remove_reader(self._queue.fileno())
+            for task in list(self._tasks):
+                task.cancel()
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+            loop.close()
+
+    def _drain(self) -> None:
+        if self.retired:
+            # This thread was replaced while a hook blocked it; the new one serves the queue.
+            assert self.loop is not None
+            self.loop.stop()
+            return
+        for call in self._queue.take(_BATCH):
+            phase = call.phase_name
+            if phase == "request":
+                self._request(call)
+            elif phase == "response":
+                self._response(call)
+            else:
+                self._log(call)
+            if self.retired:
+                return
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        assert self.loop is not None
+        task = self.loop.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _call(self, hook: Hook, *args: Any) -> Any:
+        self.busy = (hook.name, time.monotonic())
+        try:
+            return hook.call(*args)
+        finally:
+            self.busy = None
+
+    # --- request phase ----------------------------------------------------------------------
+
+    def _request(self, call: _core.FilterCall) -> None:
+        if call.expired():
+            return  # the proxy stopped waiting while the call was queued
+        chain: Chain = call.chain
+        request = call.request
+        for index, hook in enumerate(chain.request_hooks):
+            if hook.is_async:
+                self._spawn(self._request_async(call, chain, index))
+                return
+            try:
+                result = self._call(hook, request)
+                if inspect.isawaitable(result):  # a plain def that returned an awaitable
+                    self._spawn(self._request_async(call, chain, index, result))
+                    return
+                if result is not None:
+                    self._answer(call, hook, result)
+                    return
+            except Exception as exc:
+                self._failed(call, hook, "on_request", exc)
+                return
+            if call.expired():
+                self._errors.timeout(hook, "on_request", call.timeout)
+                return
+        call.proceed()
+
+    async def _request_async(
+        self,
+        call: _core.FilterCall,
+        chain: Chain,
+        start: int,
+        pending: Awaitable[Any] | None = None,
+    ) -> None:
+        request = call.request
+        hook = chain.request_hooks[start]
+        budget = asyncio.timeout(call.timeout)
+        try:
+            async with budget:
+                for hook in chain.request_hooks[start:]:
+                    result = pending if pending is not None else hook.call(request)
+                    pending = None
+                    if inspect.isawaitable(result):
+                        result = await result
+                    if result is not None:
+                        self._answer(call, hook, result)
+                        return
+        except TimeoutError as exc:
+            if budget.expired():
+                self._errors.timeout(hook, "on_request", call.timeout)
+            else:
+                self._failed(call, hook, "on_request", exc)
+            return
+        except Exception as exc:
+            self._failed(call, hook, "on_request", exc)
+            return
+        call.proceed()
+
+    def _answer(self, call: _core.FilterCall, hook: Hook, result: object) -> None:
+        if isinstance(result, Response):
+            call.respond(result)
+            return
+        error = TypeError(
+            f"on_request must return a meshpy.Response or None, not {type(result).__name__}"
+        )
+        self._failed(call, hook, "on_request", error)
+
+    # --- response phase ---------------------------------------------------------------------
+
+    def _response(self, call: _core.FilterCall) -> None:
+        if call.expired():
+            return
+        chain: Chain = call.chain
+        request, response = call.request, call.response
+        for index, hook in enumerate(chain.response_hooks):
+            if hook.is_async:
+                self._spawn(self._response_async(call, chain, index))
+                return
+            try:
+                result = self._call(hook, request, response)
+                if inspect.isawaitable(result):
+                    self._spawn(self._response_async(call, chain, index, result))
+                    return
+            except Exception as exc:
+                self._failed(call, hook, "on_response", exc)
+                return
+        if call.expired():
+            self._errors.timeout(chain.response_hooks[-1], "on_response", call.timeout)
+            return
+        call.proceed()
+
+    async def _response_async(
+        self,
+        call: _core.FilterCall,
+        chain: Chain,
+        start: int,
+        pending: Awaitable[Any] | None = None,
+    ) -> None:
+        request, response = call.request, call.response
+        hook = chain.response_hooks[start]
+        budget = asyncio.timeout(call.timeout)
+        try:
+            async with budget:
+                for hook in chain.response_hooks[start:]:
+                    result = pending if pending is not None else hook.call(request, response)
+                    pending = None
+                    if inspect.isawaitable(result):
+                        await result
+        except TimeoutError as exc:
+            if budget.expired():
+                self._errors.timeout(hook, "on_response", call.timeout)
+            else:
+                self._failed(call, hook, "on_response", exc)
+            return
+        except Exception as exc:
+            self._failed(call, hook, "on_response", exc)
+            return
+        call.proceed()
+
+    # --- log phase --------------------------------------------------------------------------
+
+    def _log(self, call: _core.FilterCall) -> None:
+        chain: Chain = call.chain
+        record = call.record
+        for hook in chain.log_hooks:
+            try:
+                result = self._call(hook, record)
+                if inspect.isawaitable(result):
+                    self._spawn(self._log_async(call, hook, result))
+            except Exception as exc:
+                self._failed(call, hook, "on_log", exc)
+
+    async def _log_async(self, call: _core.FilterCall, hook: Hook, pending: Awaitable[Any]) -> None:
+        budget = asyncio.timeout(call.timeout)
+        try:
+            async with budget:
+                await pending
+        except TimeoutError as exc:
+            if budget.expired():
+                self._errors.timeout(hook, "on_log", call.timeout)
+            else:
+                self._failed(call, hook, "on_log", exc)
+        except Exception as exc:
+            self._failed(call, hook, "on_log", exc)
+
+    def _failed(self, call: _core.FilterCall, hook: Hook, phase: str, exc: BaseException) -> None:
+        call.fail(hook.name)
+        self._errors.exception(hook, phase, exc)
+
+
+class FilterRuntime:
+    """Runs the hooks of every filter chain the proxy queues, on its own thread.
+
+    A watchdog thread looks every `_WATCH_INTERVAL`: when one plain hook has held the
+    thread longer than `stuck_after` seconds, that thread is abandoned to it and a fresh
+    one takes over the queue.
+    """
+
+    def __init__(self, queue: _core.FilterQueue, stuck_after: float = 1.0) -> None:
+        self.queue = queue
+        self._stuck_after = stuck_after
+        self._errors = _ErrorLog()
+        self._generation = 0
+        self._retired: list[_Dispatcher] = []
+        self._dispatcher: _Dispatcher | None = None
+        self._stopping = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch, name="meshpy-filters-watchdog", daemon=True
+        )
+
+    def start(self) -> None:
+        self._start_dispatcher()
+        self._watchdog.start()
+
+    def _start_dispatcher(self) -> None:
+        self._generation += 1
+        self._dispatcher = _Dispatcher(self.queue, self._errors, self._generation)
+        self._dispatcher.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(_WATCH_INTERVAL):
+            self.check()
+
+    def check(self) -> None:
+        """Replace the filter thread if a plain hook has blocked it too long."""
+        dispatcher = self._dispatcher
+        busy = dispatcher.busy if dispatcher is not None else None
+        if dispatcher is None or busy is None:
+            return
+        name, since = busy
+        blocked = time.monotonic() - since
+        if blocked < self._stuck_after:
+            return
+        if len(self._retired) >= _MAX_RETIRED:
+            if self._errors.first(("watchdog", "exhausted")):
+                log.error(
+                    "filter %s has blocked the filter thread for %.1fs and %d threads are already"
+                    " abandoned to blocked filters; filtered routes wait for it",
+                    name,
+                    blocked,
+                    len(self._retired),
+                )
+            return
+        log.error(
+            "filter %s has blocked the filter thread for %.1fs; leaving it that thread and"
+            " running the other filter calls on a new one",
+            name,
+            blocked,
+        )
+        dispatcher.retired = True
+        self._retired.append(dispatcher)
+        self._start_dispatcher()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Refuse further calls and stop the thread (threads blocked in a filter are left)."""
+        self._stopping.set()
+        self.queue.close()
+        if self._dispatcher is not None:
+            self._dispatcher.stop(timeout)
+            self._dispatcher = None
