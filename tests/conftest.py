@@ -189,9 +189,12 @@ def free_port() -> Callable[[], int]:
 def run_proxy(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., Proxy]]:
     started: list[Proxy] = []
 
-    def start(config: dict, *args: str) -> Proxy:
+    def start(config: dict, *args: str, files: dict[str, str] | None = None) -> Proxy:
+        """Start a proxy; `files` (name -> text) are written next to its config first."""
         workdir = tmp_path / f"proxy{len(started)}"
         workdir.mkdir()
+        for name, text in (files or {}).items():
+            (workdir / name).write_text(text)
         proxy = Proxy(config, workdir, list(args))
         started.append(proxy)
         return proxy

@@ -48,7 +48,12 @@ class _ErrorLog:
             return True
 
     def exception(self, hook: Hook, phase: str, exc: BaseException) -> None:
-        frames = traceback.extract_tb(exc.__traceback__)
+        # The traceback starts in the filter's code: the frames of this module say nothing.
+        tb = exc.__traceback__
+        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+            tb = tb.tb_next
+        exc = exc.with_traceback(tb)
+        frames = traceback.extract_tb(tb)
         where = (frames[-1].filename, frames[-1].lineno) if frames else None
         if self.first((hook.name, phase, type(exc), where)):
             text = "".join(traceback.format_exception(exc)).rstrip()
