@@ -92,7 +92,8 @@ impl PyFilterQueue {
     /// Takes up to `max` waiting calls, oldest first.
     fn take(&self, py: Python<'_>, max: usize) -> PyResult<Vec<Py<PyFilterCall>>> {
         let queue = &self.queue;
-        queue.notified.store(false, Ordering::Release);
+        // Empty the wake-up socket before clearing the flag: a push from then on writes a
+        // fresh byte, and every push before it is in the queue taken below.
         let mut sink = [0u8; 64];
         loop {
             match (&queue.wake_rx).read(&mut sink) {
@@ -101,6 +102,7 @@ impl PyFilterQueue {
                 _ => break,
             }
         }
+        queue.notified.store(false, Ordering::Release);
         let taken: Vec<Call> = {
             let mut calls = queue.calls.lock().unwrap();
             let n = max.min(calls.len());
