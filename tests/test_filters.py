@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 from conftest import meshpy_cmd
-from helpers import client, cluster, config, eventually, http_listener
+from helpers import client, cluster, config, http_listener
 from servers import wait_for
 
 FILTERS = '''
@@ -323,7 +323,8 @@ def test_log_hook_gets_the_finished_exchange(start, tmp_path):
     with client() as c:
         assert c.get(proxy.url() + "/log/a").status_code == 200
         assert c.get(proxy.url() + "/refused").status_code == 403
-    lines = eventually(lambda: (t := log.read_text().splitlines()) and len(t) == 2 and t)
+    wait_for(lambda: log.exists() and len(log.read_text().splitlines()) == 2, 5, "two records")
+    lines = log.read_text().splitlines()
     records = sorted((json.loads(line) for line in lines), key=lambda r: r["path"])
     assert records[0]["path"] == "/log/a"
     assert (records[0]["status"], records[0]["cluster"], records[0]["error"]) == (
