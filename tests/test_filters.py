@@ -51,6 +51,7 @@ class Inspect(meshpy.Filter):
             "path": req.path,
             "query": req.query,
             "identity": req.identity,
+            "client_addr": req.client_addr,
             "route": req.route,
             "cluster": req.cluster,
             "body": req.body,
@@ -241,6 +242,7 @@ def test_hooks_see_the_request_as_it_goes_upstream(start):
         "path": "/inspect/p",
         "query": {"a": ["1", "2"], "b": [""]},
         "identity": None,  # no mTLS on this listener
+        "client_addr": "127.0.0.1",
         "route": "inspect",
         "cluster": "backend",
         "body": None,  # no filter of the route asked for the body
@@ -585,3 +587,26 @@ def test_filter_metrics_count_calls_and_latency(start):
     assert metrics.get("filter_latency_ms_count", route="t", phase="request") == 5
     # The route without filters never calls into Python.
     assert not [s for s in metrics.series("filter_calls_total") if s[0]["route"] == "plain"]
+
+
+def test_validate_creates_the_filters_so_init_errors_show(tmp_path, upstream):
+    import subprocess
+
+    import yaml
+
+    (tmp_path / "initfail.py").write_text(
+        "import meshpy\n\nclass Needy(meshpy.Filter):\n"
+        "    def __init__(self, percent: float):\n"
+        "        if not 0 <= percent <= 100:\n"
+        "            raise ValueError('percent must be between 0 and 100')\n\n"
+        "    def on_request(self, req):\n        pass\n"
+    )
+    cfg = filtered_config([route("/f", [{"initfail:Needy": {"percent": 150.0}}])], [upstream.addr])
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    done = subprocess.run(meshpy_cmd("validate", str(path)), capture_output=True, text=True)
+    assert done.returncode == 1
+    assert (
+        f"{path}: listeners[0].routes[0].filters[0]: initfail:Needy could not be created:"
+        " ValueError: percent must be between 0 and 100" in done.stderr
+    ), done.stderr

@@ -94,6 +94,7 @@ class Request:
         body: bytes | str | None = None,
         authority: str = "localhost",
         scheme: str = "http",
+        client_addr: str = "127.0.0.1",
         identity: str | None = None,
         route: str = "test",
         cluster: str = "test",
@@ -116,6 +117,8 @@ class Request:
     def query(self) -> dict[str, list[str]]: ...
     @property
     def headers(self) -> Headers: ...
+    @property
+    def client_addr(self) -> str: ...
     @property
     def identity(self) -> str | None: ...
     @property

@@ -5,9 +5,11 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from . import __version__
 from .config import json_schema, load_config, parse_duration
+from .filters import build_filter_set
 from .errors import ConfigError, MeshpyError
 
 _LOG_LEVELS = {
@@ -74,8 +76,10 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     for path in args.files:
         try:
             config = load_config(path)
+            # Creating the filters runs their __init__, which checks more than types can.
+            build_filter_set(config, Path(path).parent)
         except ConfigError as exc:
-            print(exc, file=sys.stderr)
+            print(ConfigError(exc.errors, exc.source or path), file=sys.stderr)
             status = 1
             continue
         listeners = _plural(len(config.listeners), "listener")

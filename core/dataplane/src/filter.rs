@@ -110,6 +110,8 @@ pub struct RequestHead {
     pub path_and_query: String,
     pub headers: HeaderMap,
     pub body: Option<Bytes>,
+    /// The IP address of the downstream peer.
+    pub client_addr: String,
     /// The caller's mesh identity, when it presented one.
     pub identity: Option<Arc<str>>,
     pub route: Arc<str>,

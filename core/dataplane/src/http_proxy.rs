@@ -41,6 +41,7 @@ pub struct ConnCtx {
     pub state: Arc<ConnState>,
     /// The client's address as `X-Forwarded-For` carries it, made once per connection.
     client_ip: HeaderValue,
+    peer: SocketAddr,
     /// This hop's `Forwarded` element (`for` and `proto`), made once per connection.
     forwarded: HeaderValue,
 }
@@ -66,6 +67,7 @@ impl ConnCtx {
             tls,
             state,
             client_ip: header(ip.to_string()),
+            peer,
             forwarded: header(format!("for={node};proto={proto}")),
         }
     }
@@ -163,6 +165,7 @@ fn head_of<B>(req: &Request<B>, ctx: &ConnCtx, route: &Route, headers: HeaderMap
         path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         headers,
         body: None,
+        client_addr: ctx.peer.ip().to_string(),
         identity: None,
         route: route.name.clone(),
         cluster: route.cluster.name().into(),

@@ -19,6 +19,7 @@ pub struct PyRequest {
     authority: String,
     pub(crate) path_and_query: String,
     pub(crate) headers: Py<PyHeaders>,
+    client_addr: String,
     identity: Option<String>,
     route: String,
     cluster: String,
@@ -36,6 +37,7 @@ impl PyRequest {
             authority: head.authority,
             path_and_query: head.path_and_query,
             headers: Py::new(py, PyHeaders { map: head.headers })?,
+            client_addr: head.client_addr,
             identity: head.identity.map(|i| i.to_string()),
             route: head.route.to_string(),
             cluster: head.cluster.to_string(),
@@ -93,7 +95,7 @@ impl PyRequest {
     #[new]
     #[pyo3(signature = (
         method="GET", path="/", headers=None, *, body=None, authority="localhost",
-        scheme="http", identity=None, route="test", cluster="test",
+        scheme="http", client_addr="127.0.0.1", identity=None, route="test", cluster="test",
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -104,6 +106,7 @@ impl PyRequest {
         body: Option<&Bound<'_, PyAny>>,
         authority: &str,
         scheme: &str,
+        client_addr: &str,
         identity: Option<String>,
         route: &str,
         cluster: &str,
@@ -116,6 +119,7 @@ impl PyRequest {
             authority: authority.to_owned(),
             path_and_query: String::new(),
             headers: Py::new(py, PyHeaders::from_py(headers)?)?,
+            client_addr: client_addr.to_owned(),
             identity,
             route: route.to_owned(),
             cluster: cluster.to_owned(),
@@ -179,6 +183,13 @@ impl PyRequest {
     #[getter]
     fn headers(&self, py: Python<'_>) -> Py<PyHeaders> {
         self.headers.clone_ref(py)
+    }
+
+    /// The IP address of the peer that sent the request (the app, for an outbound
+    /// listener); `x-forwarded-for` has the hops before it.
+    #[getter]
+    fn client_addr(&self) -> &str {
+        &self.client_addr
     }
 
     /// The caller's mesh identity (a SPIFFE ID) when it authenticated with mTLS, else None.
