@@ -9,8 +9,8 @@ from pathlib import Path
 
 from . import __version__
 from .config import json_schema, load_config, parse_duration
-from .filters import build_filter_set
 from .errors import ConfigError, MeshpyError
+from .filters import build_filter_set
 
 _LOG_LEVELS = {
     "error": logging.ERROR,
