@@ -111,3 +111,14 @@ def test_proxy_port_in_use_exits_1(tmp_path):
     assert f"127.0.0.1:{port}" in out.stderr
     assert "in use" in out.stderr.lower()
     assert "Traceback" not in out.stderr
+
+
+def test_the_shipped_examples_validate_from_the_repository_root():
+    root = __import__("pathlib").Path(__file__).resolve().parent.parent
+    files = sorted(str(p) for p in (root / "examples").rglob("*.yaml"))
+    assert len(files) >= 4
+    done = subprocess.run(
+        meshpy_cmd("validate", *files), capture_output=True, text=True, timeout=60, cwd=root
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count(": ok (") == len(files)
