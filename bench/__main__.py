@@ -5,18 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
-from bench import load, peers, report
+from bench import filters, load, peers, report
+from bench.harness import describe_meshpy, measure, raise_interrupt, start_service, workspace
 from bench.report import SystemRuns
 
 OUT_DIR = Path(__file__).resolve().parent / "out"
@@ -30,6 +27,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Throughput (wrk, saturation) and optionally latency at a fixed rate "
         "(h2load) of meshpy, nginx and HAProxy, each forwarding to the same nginx upstream, "
         "against sending load to that upstream directly.",
+        epilog="Other scenario: `python -m bench filters` measures meshpy routes with Python "
+        "filters against mitmproxy (see `python -m bench filters --help`).",
     )
     parser.add_argument(
         "--systems",
@@ -128,31 +127,6 @@ def choose_systems(
     return list(peers.SYSTEMS), ""
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
-@contextlib.contextmanager
-def workspace(keep: bool) -> Iterator[Path]:
-    root = Path(tempfile.mkdtemp(prefix="meshpy-bench-"))
-    root.chmod(0o755)
-    try:
-        yield root
-    finally:
-        if keep:
-            print(f"kept {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-
-
-def start_service(
-    stack: contextlib.ExitStack, service: peers.Service, path: str, size: int
-) -> None:
-    stack.callback(service.stop)
-    service.start()
-    peers.check_response(service.port, path, size)
-
-
 def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dict[str, Any]:
     size = peers.LARGE_SIZE if args.path == peers.LARGE_PATH else len(peers.SMALL_BODY)
     load_pin = peers.pin_prefix(args.pin_load)
@@ -189,6 +163,7 @@ def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dic
                 measure(
                     args,
                     system,
+                    system.url(args.path),
                     round_index,
                     script,
                     load_pin,
@@ -207,80 +182,6 @@ def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dic
     }
 
 
-def measure(
-    args: argparse.Namespace,
-    system: peers.System,
-    round_index: int,
-    script: Path,
-    load_pin: list[str],
-    root: Path,
-    saturation: SystemRuns,
-    fixed_rate: SystemRuns,
-) -> None:
-    label = f"round {round_index + 1}/{args.rounds} {system.name:<8}"
-    url = system.url(args.path)
-    exit_code = system.service.proc.poll() if system.service and system.service.proc else None
-    if exit_code is not None:
-        reason = f"round {round_index + 1}: process had exited with code {exit_code}"
-        saturation.failures.append(reason)
-        if args.rate:
-            fixed_rate.failures.append(reason)
-        print(f"{label} skipped: {reason}", flush=True)
-        return
-    try:
-        if args.warmup:
-            warm = load.wrk_command(
-                url, args.load_threads, args.connections, args.warmup, script, load_pin
-            )
-            load.run_wrk(warm, args.warmup, system.cpu_service.cpu_seconds)
-        command = load.wrk_command(
-            url, args.load_threads, args.connections, args.duration, script, load_pin
-        )
-        result = load.run_wrk(command, args.duration, system.cpu_service.cpu_seconds)
-        saturation.runs.append(result)
-        print(
-            f"{label} saturation {result.rps:>12,.0f} req/s  p50 "
-            f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
-            f"{result.latency_us['p99'] / 1000:.3f} ms  errors {result.errors}  "
-            f"{system.cpu_service.name} cpu {result.cpu_us_per_req} µs/req  "
-            f"cpu busy {result.cpu['busy_pct']}% steal {result.cpu['steal_pct']}%",
-            flush=True,
-        )
-    except load.LoadError as exc:
-        saturation.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
-        print(f"{label} saturation failed: {exc}", file=sys.stderr, flush=True)
-
-    if not args.rate:
-        return
-    log_file = root / f"h2load-{system.name}-{round_index}.log"
-    command = load.h2load_command(
-        url,
-        args.load_threads,
-        args.rate_connections,
-        args.duration,
-        args.warmup,
-        args.rate,
-        log_file,
-        load_pin,
-    )
-    try:
-        result = load.run_h2load(
-            command, args.duration, args.warmup, args.rate, args.rate_connections, log_file
-        )
-    except (load.LoadError, OSError) as exc:
-        fixed_rate.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
-        print(f"{label} fixed rate failed: {exc}", file=sys.stderr, flush=True)
-        return
-    fixed_rate.runs.append(result)
-    print(
-        f"{label} fixed rate {result.rps:>12,.0f} req/s  p50 "
-        f"{result.latency_us['p50'] / 1000:.3f} ms  p99 "
-        f"{result.latency_us['p99'] / 1000:.3f} ms  >gap {result.extra['slower_than_gap']}  "
-        f"errors {result.errors}",
-        flush=True,
-    )
-
-
 def summarize(runs: list[SystemRuns]) -> list[dict[str, Any]]:
     """Every system's summary, with req/s relative to direct and CPU time relative to nginx."""
     by_name = {r.name: r for r in runs}
@@ -288,13 +189,6 @@ def summarize(runs: list[SystemRuns]) -> list[dict[str, Any]]:
     baseline_rps = direct.median("rps") if direct else None
     nginx_cpu_us = nginx.median("cpu_us_per_req") if nginx else None
     return [r.summary(baseline_rps, nginx_cpu_us) for r in runs]
-
-
-def describe_meshpy(meshpy: dict[str, object] | None) -> str:
-    if meshpy is None:
-        return "not importable"
-    debug = "with debug info" if meshpy["debug_info"] else "no debug info"
-    return f"{meshpy['version']} ({meshpy['extension']}, {meshpy['extension_mib']} MiB, {debug})"
 
 
 def header(
@@ -337,10 +231,12 @@ def header(
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["filters"]:
+        return filters.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    signal.signal(signal.SIGHUP, _raise_interrupt)
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
 
     try:
         peers.ensure_tools(install=not args.no_install)

@@ -6,7 +6,7 @@ import json
 import math
 import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -103,8 +103,19 @@ def write_wrk_script(directory: Path) -> Path:
     return path
 
 
+def header_args(headers: Sequence[str]) -> list[str]:
+    """``-H "name: value"`` for each header (wrk and h2load take the same flag)."""
+    return [arg for header in headers for arg in ("-H", header)]
+
+
 def wrk_command(
-    url: str, threads: int, connections: int, duration: float, script: Path, pin: list[str]
+    url: str,
+    threads: int,
+    connections: int,
+    duration: float,
+    script: Path,
+    pin: list[str],
+    headers: Sequence[str] = (),
 ) -> list[str]:
     return [
         *pin,
@@ -113,6 +124,7 @@ def wrk_command(
         f"-c{connections}",
         f"-d{duration:g}s",
         "--latency",
+        *header_args(headers),
         "-s",
         str(script),
         url,
@@ -163,6 +175,7 @@ def h2load_command(
     rate: float,
     log_file: Path,
     pin: list[str],
+    headers: Sequence[str] = (),
 ) -> list[str]:
     """h2load over HTTP/1.1 sending ``rate`` requests/s in total, spread over all connections."""
     per_connection = rate / connections
@@ -182,6 +195,7 @@ def h2load_command(
         f"{per_connection:g}",
         "--log-file",
         str(log_file),
+        *header_args(headers),
         url,
     ]
 

@@ -99,6 +99,7 @@ def meshpy_info() -> dict[str, object] | None:
     return {
         "version": version,
         "extension": path.name,
+        "path": str(path),
         "extension_mib": round(path.stat().st_size / 2**20, 1),
         "extension_mtime": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(path.stat().st_mtime)),
         "debug_info": "debug_info" in elf_section_names(path),
