@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import inspect
+import itertools
 import logging
 import threading
 import time
@@ -82,7 +84,11 @@ class _Dispatcher:
     def __init__(self, queue: _core.FilterQueue, errors: _ErrorLog, generation: int) -> None:
         self._queue = queue
         self._errors = errors
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Running hook tasks by deadline; the heap also keeps them referenced.
+        self._deadlines: list[tuple[float, int, asyncio.Task[None]]] = []
+        self._sequence = itertools.count()
+        self._expired: set[asyncio.Task[None]] = set()
+        self._sweep_handle: asyncio.TimerHandle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.retired = False
         # The plain hook running now and since when, for the watchdog.
@@ -113,10 +119,11 @@ class _Dispatcher:
             loop.run_forever()
         finally:
             loop.remove_reader(self._queue.fileno())
-            for task in list(self._tasks):
+            tasks = [task for _, _, task in self._deadlines if not task.done()]
+            for task in tasks:
                 task.cancel()
             with contextlib.suppress(Exception):
-                loop.run_until_complete(asyncio.gather(*self._tasks, return_exceptions=True))
+                loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
             loop.close()
 
     def _drain(self) -> None:
@@ -136,11 +143,42 @@ class _Dispatcher:
             if self.retired:
                 return
 
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        assert self.loop is not None
-        task = self.loop.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], budget: float) -> None:
+        """Run `coroutine` as a task, cancelled if still running `budget` seconds from now.
+
+        One timer serves every task (the earliest deadline): a timer or a timeout context
+        per task would cost about as much as the task itself.
+        """
+        loop = self.loop
+        assert loop is not None
+        task = loop.create_task(coroutine)
+        deadline = loop.time() + budget
+        heapq.heappush(self._deadlines, (deadline, next(self._sequence), task))
+        handle = self._sweep_handle
+        if handle is None or deadline < handle.when():
+            if handle is not None:
+                handle.cancel()
+            self._sweep_handle = loop.call_at(deadline, self._sweep)
+
+    def _sweep(self) -> None:
+        loop = self.loop
+        assert loop is not None
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            task = heapq.heappop(deadlines)[2]
+            if not task.done():
+                self._expired.add(task)
+                task.cancel()
+        self._sweep_handle = loop.call_at(deadlines[0][0], self._sweep) if deadlines else None
+
+    def _cancelled_at_deadline(self) -> bool:
+        """Inside a hook task that got CancelledError: whether the budget ran out."""
+        task = asyncio.current_task()
+        if task is not None and task in self._expired:
+            self._expired.discard(task)
+            return True
+        return False
 
     def _call(self, hook: Hook, *args: Any) -> Any:
         self.busy = (hook.name, time.monotonic())
@@ -158,12 +196,12 @@ class _Dispatcher:
         request = call.request
         for index, hook in enumerate(chain.request_hooks):
             if hook.is_async:
-                self._spawn(self._request_async(call, chain, index))
+                self._spawn(self._request_async(call, chain, index), call.timeout)
                 return
             try:
                 result = self._call(hook, request)
                 if inspect.isawaitable(result):  # a plain def that returned an awaitable
-                    self._spawn(self._request_async(call, chain, index, result))
+                    self._spawn(self._request_async(call, chain, index, result), call.timeout)
                     return
                 if result is not None:
                     self._answer(call, hook, result)
@@ -185,23 +223,20 @@ class _Dispatcher:
     ) -> None:
         request = call.request
         hook = chain.request_hooks[start]
-        budget = asyncio.timeout(call.timeout)
         try:
-            async with budget:
-                for hook in chain.request_hooks[start:]:
-                    result = pending if pending is not None else hook.call(request)
-                    pending = None
-                    if inspect.isawaitable(result):
-                        result = await result
-                    if result is not None:
-                        self._answer(call, hook, result)
-                        return
-        except TimeoutError as exc:
-            if budget.expired():
+            for hook in chain.request_hooks[start:]:
+                result = pending if pending is not None else hook.call(request)
+                pending = None
+                if inspect.isawaitable(result):
+                    result = await result
+                if result is not None:
+                    self._answer(call, hook, result)
+                    return
+        except asyncio.CancelledError:
+            if self._cancelled_at_deadline():
                 self._errors.timeout(hook, "on_request", call.timeout)
-            else:
-                self._failed(call, hook, "on_request", exc)
-            return
+                return
+            raise
         except Exception as exc:
             self._failed(call, hook, "on_request", exc)
             return
@@ -225,12 +260,12 @@ class _Dispatcher:
         request, response = call.request, call.response
         for index, hook in enumerate(chain.response_hooks):
             if hook.is_async:
-                self._spawn(self._response_async(call, chain, index))
+                self._spawn(self._response_async(call, chain, index), call.timeout)
                 return
             try:
                 result = self._call(hook, request, response)
                 if inspect.isawaitable(result):
-                    self._spawn(self._response_async(call, chain, index, result))
+                    self._spawn(self._response_async(call, chain, index, result), call.timeout)
                     return
             except Exception as exc:
                 self._failed(call, hook, "on_response", exc)
@@ -249,20 +284,17 @@ class _Dispatcher:
     ) -> None:
         request, response = call.request, call.response
         hook = chain.response_hooks[start]
-        budget = asyncio.timeout(call.timeout)
         try:
-            async with budget:
-                for hook in chain.response_hooks[start:]:
-                    result = pending if pending is not None else hook.call(request, response)
-                    pending = None
-                    if inspect.isawaitable(result):
-                        await result
-        except TimeoutError as exc:
-            if budget.expired():
+            for hook in chain.response_hooks[start:]:
+                result = pending if pending is not None else hook.call(request, response)
+                pending = None
+                if inspect.isawaitable(result):
+                    await result
+        except asyncio.CancelledError:
+            if self._cancelled_at_deadline():
                 self._errors.timeout(hook, "on_response", call.timeout)
-            else:
-                self._failed(call, hook, "on_response", exc)
-            return
+                return
+            raise
         except Exception as exc:
             self._failed(call, hook, "on_response", exc)
             return
@@ -277,20 +309,18 @@ class _Dispatcher:
             try:
                 result = self._call(hook, record)
                 if inspect.isawaitable(result):
-                    self._spawn(self._log_async(call, hook, result))
+                    self._spawn(self._log_async(call, hook, result), call.timeout)
             except Exception as exc:
                 self._failed(call, hook, "on_log", exc)
 
     async def _log_async(self, call: _core.FilterCall, hook: Hook, pending: Awaitable[Any]) -> None:
-        budget = asyncio.timeout(call.timeout)
         try:
-            async with budget:
-                await pending
-        except TimeoutError as exc:
-            if budget.expired():
+            await pending
+        except asyncio.CancelledError:
+            if self._cancelled_at_deadline():
                 self._errors.timeout(hook, "on_log", call.timeout)
-            else:
-                self._failed(call, hook, "on_log", exc)
+                return
+            raise
         except Exception as exc:
             self._failed(call, hook, "on_log", exc)
 
