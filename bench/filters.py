@@ -602,21 +602,14 @@ def unsustained(rate: float, summaries: list[dict[str, Any]]) -> list[str]:
 
 
 def ratio_lines(saturation: list[dict[str, Any]]) -> list[str]:
+    """Median req/s of each filtered route over the no-filter route's and over mitmproxy's."""
     by_name = {s["system"]: s for s in saturation}
-
-    def rps(name: str) -> float | None:
-        return by_name.get(name, {}).get("rps_median")
-
     lines = []
-    for top, bottom in (
-        (SYNC, NO_FILTER),
-        (ASYNC, NO_FILTER),
-        (SYNC, MITMPROXY),
-        (ASYNC, MITMPROXY),
-    ):
-        a, b = rps(top), rps(bottom)
-        if a and b:
-            lines.append(f"{top} / {bottom}: {a / b:.2f}x")
+    for key, bottom in (("ratio_to_no_filter", NO_FILTER), ("ratio_to_mitmproxy", MITMPROXY)):
+        for top in (SYNC, ASYNC):
+            value = by_name.get(top, {}).get(key)
+            if value is not None:
+                lines.append(f"{top} / {bottom}: {value:g}x")
     return lines
 
 
