@@ -1,10 +1,11 @@
-"""The `meshpy` command: proxy, validate, schema, demo."""
+"""The `meshpy` command: proxy, validate, schema, demo, ca."""
 
 import argparse
+import datetime
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from . import __version__
@@ -100,6 +101,138 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(port=args.port, admin_port=args.admin_port)
 
 
+# The key types of meshpy.ca.KEY_TYPES, spelled out so that building the parser does not
+# import cryptography (a test checks the two agree).
+_CA_KEY_TYPES = ("ecdsa-p256", "ed25519")
+
+
+def _ca_argument(check_name: str) -> Callable[[str], str]:
+    """An argparse type running one of meshpy.ca's validators (bad values exit 2)."""
+
+    def check(text: str) -> str:
+        from . import ca
+
+        try:
+            return getattr(ca, check_name)(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return check
+
+
+def _ttl(text: str) -> str:
+    from .ca import parse_ttl
+
+    try:
+        parse_ttl(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _ca_run(action: Callable[[], str]) -> int:
+    """Run a `ca` command: its report on stdout, or exit 2 for a wrong argument, 1 for a failure."""
+    from .ca import CADirectoryError, CAError
+
+    try:
+        report = action()
+    except (CADirectoryError, ValueError) as exc:
+        print(f"meshpy: {exc}", file=sys.stderr)
+        return 2
+    except (CAError, OSError) as exc:
+        print(f"meshpy: {exc}", file=sys.stderr)
+        return 1
+    print(report)
+    return 0
+
+
+def _until(moment: datetime.datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _cmd_ca_init(args: argparse.Namespace) -> int:
+    from .ca import CertificateAuthority
+
+    def init() -> str:
+        root = CertificateAuthority.create_root(
+            args.trust_domain, key_type=args.key_type, ttl=args.ttl
+        )
+        root.save(args.dir)
+        return (
+            f"root CA for {root.spiffe_id} created in {args.dir}"
+            f" ({root.key_type}, valid until {_until(root.not_after)})\n"
+            "  ca.pem      the root certificate\n"
+            "  ca.key      its private key, mode 0600: keep it offline, let intermediates issue\n"
+            "  bundle.pem  the trust bundle every workload gets"
+        )
+
+    return _ca_run(init)
+
+
+def _cmd_ca_intermediate(args: argparse.Namespace) -> int:
+    from .ca import CAError, CertificateAuthority
+
+    def intermediate() -> str:
+        root = CertificateAuthority.load(args.ca)
+        if root.kind != "root":
+            raise CAError(
+                f"{args.ca} holds an intermediate CA, which cannot sign other CAs"
+                " (path length 0); give the root CA's directory"
+            )
+        made = root.create_intermediate(ttl=args.ttl, key_type=args.key_type)
+        made.save(args.dir)
+        return (
+            f"intermediate CA for {made.spiffe_id} created in {args.dir}, signed by {args.ca}"
+            f" ({made.key_type}, valid until {_until(made.not_after)})\n"
+            "  ca.pem      the intermediate certificate\n"
+            "  ca.key      its private key, mode 0600\n"
+            "  chain.pem   sent after every workload certificate it issues\n"
+            "  bundle.pem  the trust bundle: the root"
+        )
+
+    return _ca_run(intermediate)
+
+
+def _cmd_ca_issue(args: argparse.Namespace) -> int:
+    from .ca import CertificateAuthority, parse_ttl, write_pem_files
+
+    def issue() -> str:
+        authority = CertificateAuthority.load(args.ca)
+        issued = authority.issue(
+            args.service,
+            args.namespace,
+            args.ttl,
+            dns_names=args.dns or (),
+            key_type=args.key_type,
+        )
+        write_pem_files(args.out, issued)
+        capped = issued.lifetime.total_seconds() < parse_ttl(args.ttl) - 1
+        intermediates = len(authority.chain)
+        chain = f", then {intermediates} intermediate" if intermediates else ""
+        return (
+            f"{issued.spiffe_id} issued in {args.out} (valid until {_until(issued.not_after)}"
+            f"{', cut short by the CA expiring' if capped else ''})\n"
+            f"  cert.pem    the workload certificate{chain}\n"
+            "  key.pem     its private key, mode 0600\n"
+            "  bundle.pem  the trust bundle"
+        )
+
+    return _ca_run(issue)
+
+
+def _cmd_ca_show(args: argparse.Namespace) -> int:
+    from .ca import describe
+
+    result: dict[str, bool] = {}
+
+    def show() -> str:
+        text, result["ok"] = describe(args.path, args.bundle)
+        return text
+
+    status = _ca_run(show)
+    return status if status or result["ok"] else 1
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshpy", description="A service mesh with a Rust data plane, driven from Python."
@@ -158,7 +291,103 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--admin-port", type=_port, default=9901, help="admin port (default: 9901)")
     add_log_level(demo)
     demo.set_defaults(handler=_cmd_demo)
+    _add_ca_commands(commands)
     return parser
+
+
+def _add_ca_commands(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    ca = commands.add_parser(
+        "ca",
+        help="the mesh certificate authority: init, intermediate, issue, show",
+        description="Create the mesh's certificate authority and issue SPIFFE workload"
+        " certificates (X.509-SVIDs) for spiffe://<trust domain>/ns/<namespace>/sa/<service>."
+        " Exit codes: 2 for a wrong argument, 1 when the operation fails.",
+    )
+    ca_commands = ca.add_subparsers(metavar="COMMAND", required=True)
+
+    def add_key_type(command: argparse.ArgumentParser, what: str) -> None:
+        command.add_argument(
+            "--key-type",
+            choices=_CA_KEY_TYPES,
+            default="ecdsa-p256",
+            help=f"{what} key type (default: ecdsa-p256)",
+        )
+
+    init = ca_commands.add_parser(
+        "init",
+        help="create a root CA",
+        description="Create a root CA in DIR: ca.pem, ca.key (0600), bundle.pem, ca.json."
+        " Refuses a directory that already holds a CA.",
+    )
+    init.add_argument(
+        "--trust-domain",
+        required=True,
+        type=_ca_argument("validate_trust_domain"),
+        metavar="NAME",
+        help="the mesh's SPIFFE trust domain, such as example.org",
+    )
+    add_key_type(init, "the root's")
+    init.add_argument(
+        "--ttl", type=_ttl, default="3650d", metavar="TTL", help="validity (default: 3650d)"
+    )
+    init.add_argument("dir", metavar="DIR")
+    init.set_defaults(handler=_cmd_ca_init)
+
+    intermediate = ca_commands.add_parser(
+        "intermediate",
+        help="create an intermediate CA signed by the root",
+        description="Create an intermediate CA in DIR, signed by the root CA in --ca, so the"
+        " root's key can stay offline: ca.pem, ca.key (0600), chain.pem, bundle.pem (the"
+        " root), ca.json. Its validity ends no later than the root's.",
+    )
+    intermediate.add_argument("--ca", required=True, metavar="ROOTDIR", help="root CA directory")
+    add_key_type(intermediate, "the intermediate's")
+    intermediate.add_argument(
+        "--ttl", type=_ttl, default="365d", metavar="TTL", help="validity (default: 365d)"
+    )
+    intermediate.add_argument("dir", metavar="DIR")
+    intermediate.set_defaults(handler=_cmd_ca_intermediate)
+
+    issue = ca_commands.add_parser(
+        "issue",
+        help="issue a workload certificate",
+        description="Issue a workload certificate for"
+        " spiffe://<trust domain>/ns/<namespace>/sa/<service> into OUT: cert.pem (the"
+        " certificate, then the intermediates), key.pem (0600), bundle.pem. Files already in"
+        " OUT are replaced. Its validity ends no later than the CA's.",
+    )
+    issue.add_argument("--ca", required=True, metavar="DIR", help="the issuing CA's directory")
+    issue.add_argument(
+        "--service", required=True, type=_ca_argument("validate_service"), metavar="NAME"
+    )
+    issue.add_argument(
+        "--namespace", required=True, type=_ca_argument("validate_namespace"), metavar="NAME"
+    )
+    issue.add_argument(
+        "--ttl", type=_ttl, default="24h", metavar="TTL", help="validity (default: 24h)"
+    )
+    issue.add_argument(
+        "--dns",
+        action="append",
+        type=_ca_argument("validate_dns_name"),
+        metavar="NAME",
+        help="also a DNS SAN, for clients outside the mesh (repeatable)",
+    )
+    add_key_type(issue, "the workload's")
+    issue.add_argument("out", metavar="OUT")
+    issue.set_defaults(handler=_cmd_ca_issue)
+
+    show = ca_commands.add_parser(
+        "show",
+        help="describe a certificate and check its chain",
+        description="Print a certificate's subject, SPIFFE ID, issuer and validity, and whether"
+        " it chains to the trust bundle (--bundle, else the bundle.pem beside it). PATH is a"
+        " PEM file (the first certificate is shown, the rest are its chain), a CA directory or"
+        " a directory written by `issue`. Exits 1 if it does not chain to the bundle.",
+    )
+    show.add_argument("--bundle", metavar="FILE", help="trust bundle to check against")
+    show.add_argument("path", metavar="PATH")
+    show.set_defaults(handler=_cmd_ca_show)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
