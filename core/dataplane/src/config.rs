@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub admin: Option<AdminConfig>,
+    /// This sidecar's mesh identity, for `mtls` listeners and `tls: mesh` clusters.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
     pub listeners: Vec<ListenerConfig>,
     pub clusters: Vec<ClusterConfig>,
 }
@@ -16,6 +19,41 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminConfig {
     pub listen: String,
+}
+
+/// The workload's certificate (its URI SAN is its SPIFFE ID), key, and the trust
+/// bundle peers' certificates must chain to.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IdentityConfig {
+    pub cert: String,
+    pub key: String,
+    pub bundle: String,
+    pub min_tls: MinTls,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MinTls {
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// How a listener treats connections that are not mutual TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only mTLS with a client certificate chaining to the bundle.
+    Strict,
+    /// mTLS, or plaintext on the same port (told apart by the first byte).
+    Permissive,
+}
+
+/// Originate mTLS to the cluster's endpoints with this sidecar's identity.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamTls {
+    /// The SPIFFE ID the upstream must present; `None`: any ID of our trust domain.
+    pub server_identity: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +71,8 @@ pub struct ListenerConfig {
     /// The destination of a `tcp` listener.
     pub cluster: Option<String>,
     pub tls: Option<TlsServerConfig>,
+    #[serde(default)]
+    pub mtls: Option<MtlsMode>,
     pub limits: Limits,
     pub routes: Vec<RouteConfig>,
 }
@@ -133,6 +173,8 @@ pub struct ClusterConfig {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: f64,
     pub idle_timeout: f64,
+    #[serde(default)]
+    pub tls: Option<UpstreamTls>,
 }
 
 impl Config {

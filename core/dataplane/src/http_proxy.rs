@@ -25,6 +25,7 @@ use crate::filter::{
     RequestState, RequestVerdict, ResponseVerdict,
 };
 use crate::io::ConnState;
+use crate::metrics::InboundMetrics;
 use crate::pool::{Checkout, SendError};
 use crate::proxy::Shared;
 use crate::routing::request_host;
@@ -44,6 +45,12 @@ pub struct ConnCtx {
     peer: SocketAddr,
     /// This hop's `Forwarded` element (`for` and `proto`), made once per connection.
     forwarded: HeaderValue,
+    /// The caller's SPIFFE ID, on an mTLS connection.
+    identity: Option<Arc<str>>,
+    /// `x-forwarded-client-cert` for the app, on an mTLS connection.
+    xfcc: Option<HeaderValue>,
+    /// The per-caller request counter of an mTLS listener.
+    inbound: Option<Arc<InboundMetrics>>,
 }
 
 impl ConnCtx {
@@ -54,8 +61,18 @@ impl ConnCtx {
         peer: SocketAddr,
         tls: bool,
         state: Arc<ConnState>,
+        identity: Option<Arc<str>>,
     ) -> Self {
         let ip = peer.ip();
+        let xfcc = match (&accepted.mtls, &identity) {
+            (Some(mtls), Some(id)) => HeaderValue::try_from(format!("By={};URI={id}", mtls.own_id)).ok(),
+            _ => None,
+        };
+        let inbound = accepted.mtls.as_ref().map(|_| {
+            let metrics = shared.registry.inbound(&accepted.name, identity.as_deref().unwrap_or_default());
+            metrics.connections.fetch_add(1, Relaxed);
+            metrics
+        });
         let node = if ip.is_ipv6() { format!("\"[{ip}]\"") } else { ip.to_string() };
         let proto = if tls { "https" } else { "http" };
         let header =
@@ -69,6 +86,9 @@ impl ConnCtx {
             client_ip: header(ip.to_string()),
             peer,
             forwarded: header(format!("for={node};proto={proto}")),
+            identity,
+            xfcc,
+            inbound,
         }
     }
 
@@ -91,6 +111,9 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
     let started = Instant::now();
     ctx.state.in_flight.fetch_add(1, Relaxed);
     let _open = OpenRequest(&ctx.state);
+    if let Some(inbound) = &ctx.inbound {
+        inbound.requests.fetch_add(1, Relaxed);
+    }
     let grpc = is_grpc(req.headers());
     let listener = ctx.listener();
     let Kind::Http { routes, .. } = &listener.kind else {
@@ -166,7 +189,7 @@ fn head_of<B>(req: &Request<B>, ctx: &ConnCtx, route: &Route, headers: HeaderMap
         headers,
         body: None,
         client_addr: ctx.peer.ip().to_string(),
-        identity: None,
+        identity: ctx.identity.clone(),
         route: route.name.clone(),
         cluster: route.cluster.name().into(),
     }
@@ -513,9 +536,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap, upgrading: bool) {
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, upgrading: bool) {
     strip_hop_by_hop(headers, upgrading);
+    // Only this proxy vouches for the caller's certificate: whatever a client sent is dropped.
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(xfcc) = &ctx.xfcc {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), xfcc.clone());
+    }
     // HTTP/2 carries the host in the URI; an HTTP/1 upstream needs it as a header.
     if !headers.contains_key(header::HOST) {
         if let Some(authority) = uri.authority() {

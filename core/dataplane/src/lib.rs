@@ -10,6 +10,7 @@ pub mod config;
 mod drain;
 pub mod filter;
 mod http_proxy;
+mod identity;
 mod io;
 mod listener;
 mod logging;

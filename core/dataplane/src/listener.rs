@@ -3,6 +3,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,12 +12,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio_rustls::server::TlsStream;
 
 use crate::admin;
+use crate::config::MtlsMode;
 use crate::http_proxy::{self, ConnCtx};
+use crate::identity;
 use crate::io::{ConnState, MeteredIo};
 use crate::proxy::Shared;
-use crate::snapshot::{HttpServer, Kind, Listener};
+use crate::snapshot::{HttpServer, Kind, Listener, Mtls};
 use crate::tcp_proxy;
 
 const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -54,9 +58,23 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
     // Admin connections carry no traffic: draining does not wait for them.
     let _guard = (!matches!(listener.kind, Kind::Admin)).then(|| shared.drain.guard());
     match &listener.kind {
-        Kind::Tcp { cluster } => {
-            tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await;
-        }
+        Kind::Tcp { cluster } => match &listener.mtls {
+            None => tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await,
+            Some(mtls) => {
+                let Some(inbound) = accept_mtls(stream, peer, &listener, mtls).await else { return };
+                let caller = match &inbound {
+                    Inbound::Plain(_) => "",
+                    Inbound::Mesh(_, id) => id,
+                };
+                shared.registry.inbound(&listener.name, caller).connections.fetch_add(1, Relaxed);
+                match inbound {
+                    Inbound::Plain(stream) => {
+                        tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
+                    }
+                    Inbound::Mesh(tls, _) => tcp_proxy::forward(MeteredIo::new(tls, state), cluster).await,
+                }
+            }
+        },
         Kind::Admin => {
             let io = TokioIo::new(MeteredIo::new(stream, state));
             let admin_shared = shared.clone();
@@ -68,25 +86,94 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
                 .serve_connection(io, service)
                 .await;
         }
-        Kind::Http { server, .. } => match &listener.tls {
-            Some(acceptor) => {
-                let handshake = tokio::time::timeout(listener.header_read_timeout, acceptor.accept(stream));
-                let tls = match handshake.await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone());
-                serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
-            }
-            None => {
-                let Some(http2) = detect_http2(&stream, listener.header_read_timeout).await else { return };
-                let ctx = conn_ctx(&shared, key, &listener, peer, false, state.clone());
-                serve_http(MeteredIo::new(stream, state.clone()), http2, server, ctx).await;
-            }
-        },
+        Kind::Http { server, .. } => {
+            let stream = match (&listener.tls, &listener.mtls) {
+                (Some(acceptor), _) => {
+                    let handshake =
+                        tokio::time::timeout(listener.header_read_timeout, acceptor.accept(stream));
+                    let tls = match handshake.await {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                    };
+                    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                    let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone(), None);
+                    return serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
+                }
+                (None, Some(mtls)) => match accept_mtls(stream, peer, &listener, mtls).await {
+                    None => return,
+                    Some(Inbound::Plain(stream)) => stream,
+                    Some(Inbound::Mesh(tls, id)) => {
+                        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone(), Some(id));
+                        return serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
+                    }
+                },
+                (None, None) => stream,
+            };
+            let Some(http2) = detect_http2(&stream, listener.header_read_timeout).await else { return };
+            let ctx = conn_ctx(&shared, key, &listener, peer, false, state.clone(), None);
+            serve_http(MeteredIo::new(stream, state.clone()), http2, server, ctx).await;
+        }
     }
+}
+
+/// A connection accepted by an mTLS listener: plaintext (permissive only), or mutual
+/// TLS with the caller's SPIFFE ID.
+enum Inbound {
+    Plain(TcpStream),
+    Mesh(Box<TlsStream<TcpStream>>, Arc<str>),
+}
+
+/// Tells TLS from plaintext (permissive: a TLS record starts with 0x16, a handshake),
+/// then runs the mTLS handshake and learns the caller's SPIFFE ID. `None`: refused,
+/// with the reason logged at debug level.
+async fn accept_mtls(
+    stream: TcpStream,
+    peer: SocketAddr,
+    listener: &Listener,
+    mtls: &Mtls,
+) -> Option<Inbound> {
+    const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+    let name = &listener.name;
+    if mtls.mode == MtlsMode::Permissive {
+        let mut first = [0u8; 1];
+        let peek = tokio::time::timeout(listener.header_read_timeout, stream.peek(&mut first));
+        match peek.await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+            Ok(Ok(1)) => return Some(Inbound::Plain(stream)),
+            _ => return None,
+        }
+    }
+    let handshake = tokio::time::timeout(listener.header_read_timeout, mtls.acceptor.accept(stream));
+    let tls = match handshake.await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let cause = e.get_ref().map_or_else(|| e.to_string(), |inner| inner.to_string());
+            tracing::debug!(listener = %name, %peer, %cause, "mTLS connection refused: handshake failed");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %name, %peer, "mTLS connection refused: handshake timed out");
+            return None;
+        }
+    };
+    let id = match identity::peer_identity(tls.get_ref().1) {
+        Ok(id) => id,
+        Err(cause) => {
+            tracing::debug!(listener = %name, %peer, %cause, "mTLS connection refused: no usable identity");
+            return None;
+        }
+    };
+    if id.trust_domain() != mtls.own_id.trust_domain() {
+        tracing::debug!(
+            listener = %name, %peer, caller = %id,
+            "mTLS connection refused: caller is not in the trust domain {}", mtls.own_id.trust_domain()
+        );
+        return None;
+    }
+    tracing::trace!(listener = %name, %peer, caller = %id, "mTLS connection accepted");
+    Some(Inbound::Mesh(Box::new(tls), id.uri))
 }
 
 fn conn_ctx(
@@ -96,8 +183,9 @@ fn conn_ctx(
     peer: SocketAddr,
     tls: bool,
     state: Arc<ConnState>,
+    identity: Option<Arc<str>>,
 ) -> Arc<ConnCtx> {
-    Arc::new(ConnCtx::new(shared.clone(), key, listener.clone(), peer, tls, state))
+    Arc::new(ConnCtx::new(shared.clone(), key, listener.clone(), peer, tls, state, identity))
 }
 
 /// Peeks at the first bytes: the HTTP/2 connection preface means h2c with prior

@@ -126,12 +126,21 @@ pub struct ListenerMetrics {
     pub write_bytes: AtomicU64,
 }
 
+/// Requests and connections on an mTLS listener by the caller's SPIFFE ID (empty for
+/// plaintext on a permissive listener), resolved once per connection.
+#[derive(Default)]
+pub struct InboundMetrics {
+    pub requests: AtomicU64,
+    pub connections: AtomicU64,
+}
+
 #[derive(Default)]
 struct Series {
     routes: BTreeMap<(String, String, String), Arc<RouteMetrics>>,
     filters: BTreeMap<(String, String), Arc<FilterMetrics>>,
     clusters: BTreeMap<String, Arc<ClusterMetrics>>,
     listeners: BTreeMap<String, Arc<ListenerMetrics>>,
+    inbound: BTreeMap<(String, String), Arc<InboundMetrics>>,
 }
 
 #[derive(Default)]
@@ -165,6 +174,12 @@ impl Registry {
         series.listeners.entry(name.to_owned()).or_default().clone()
     }
 
+    pub fn inbound(&self, listener: &str, client_id: &str) -> Arc<InboundMetrics> {
+        let key = (listener.to_owned(), client_id.to_owned());
+        let mut series = self.series.lock().unwrap();
+        series.inbound.entry(key).or_default().clone()
+    }
+
     /// Renders every series in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let series = self.series.lock().unwrap();
@@ -173,6 +188,7 @@ impl Registry {
         render_filters(&mut out, &series.filters);
         render_clusters(&mut out, &series.clusters);
         render_listeners(&mut out, &series.listeners);
+        render_inbound(&mut out, &series.inbound);
         header(&mut out, "config_version", "gauge", "Version of the active configuration.");
         let _ = writeln!(out, "config_version {}", self.config_version.load(Relaxed));
         header(&mut out, "config_reload_total", "counter", "Configuration reloads by result.");
@@ -319,6 +335,32 @@ fn render_listeners(out: &mut String, listeners: &BTreeMap<String, Arc<ListenerM
         header(out, name, kind, help);
         for (listener, m) in listeners {
             let _ = writeln!(out, "{name}{{listener=\"{}\"}} {}", esc(listener), value(m));
+        }
+    }
+}
+
+fn render_inbound(out: &mut String, inbound: &BTreeMap<(String, String), Arc<InboundMetrics>>) {
+    type Row = (&'static str, &'static str, fn(&InboundMetrics) -> u64);
+    let rows: [Row; 2] = [
+        ("inbound_requests_total", "HTTP requests on mTLS listeners, by the caller's SPIFFE ID.", |m| {
+            m.requests.load(Relaxed)
+        }),
+        (
+            "inbound_connections_total",
+            "Connections accepted by mTLS listeners, by the caller's SPIFFE ID.",
+            |m| m.connections.load(Relaxed),
+        ),
+    ];
+    for (name, help, value) in rows {
+        header(out, name, "counter", help);
+        for ((listener, client_id), m) in inbound {
+            let _ = writeln!(
+                out,
+                "{name}{{listener=\"{}\",client_id=\"{}\"}} {}",
+                esc(listener),
+                esc(client_id),
+                value(m)
+            );
         }
     }
 }

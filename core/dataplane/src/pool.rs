@@ -5,13 +5,17 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 use crate::body::RequestBody;
+use crate::identity::{Carrying, MeshConnector};
 use crate::metrics::ClusterMetrics;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
@@ -46,6 +50,14 @@ pub struct EndpointPool {
     metrics: Arc<ClusterMetrics>,
     idle: Mutex<Vec<Idle>>,
     http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// Set for `tls: mesh` clusters: connections are mutual TLS.
+    mesh: Arc<ArcSwapOption<MeshConnector>>,
+}
+
+/// A connection to an endpoint as a TCP listener forwards over it.
+pub enum Upstream {
+    Plain(TcpStream),
+    Mesh(Box<TlsStream<TcpStream>>),
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to the pool once the
@@ -67,6 +79,7 @@ impl EndpointPool {
         connect_timeout: Duration,
         idle_timeout: Duration,
         metrics: Arc<ClusterMetrics>,
+        mesh: Arc<ArcSwapOption<MeshConnector>>,
     ) -> Self {
         Self {
             address,
@@ -75,6 +88,7 @@ impl EndpointPool {
             metrics,
             idle: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
+            mesh,
         }
     }
 
@@ -172,8 +186,35 @@ impl EndpointPool {
         OpenConnection(self.metrics.clone())
     }
 
-    async fn connect(&self) -> Result<TokioIo<TcpStream>, String> {
-        self.connect_tcp().await.map(TokioIo::new)
+    /// Opens a connection for a TCP listener: mTLS for a `tls: mesh` cluster.
+    pub async fn connect_opaque(&self) -> Result<Upstream, String> {
+        let stream = self.connect_tcp().await?;
+        match self.mesh.load_full() {
+            None => Ok(Upstream::Plain(stream)),
+            Some(mesh) => {
+                self.handshake(&mesh, stream, Carrying::Opaque).await.map(|s| Upstream::Mesh(Box::new(s)))
+            }
+        }
+    }
+
+    /// The TLS handshake within what is left of the connect timeout, counted as a
+    /// connect error when it fails.
+    async fn handshake(
+        &self,
+        mesh: &MeshConnector,
+        stream: TcpStream,
+        carrying: Carrying,
+    ) -> Result<TlsStream<TcpStream>, String> {
+        let handshake =
+            tokio::time::timeout(self.connect_timeout, mesh.connect(stream, &self.address, carrying));
+        let failure = match handshake.await {
+            Ok(Ok(tls)) => return Ok(tls),
+            Ok(Err(e)) => e,
+            Err(_) => format!("TLS handshake timed out after {:?}", self.connect_timeout),
+        };
+        tracing::debug!(endpoint = %self.address, cause = %failure, "mesh TLS connection refused");
+        self.metrics.connect_errors.fetch_add(1, Relaxed);
+        Err(failure)
     }
 
     /// Runs a connection on a task of its own.
@@ -191,18 +232,39 @@ impl EndpointPool {
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, String> {
-        let io = self.connect().await?;
-        let (sender, connection) = http1::Builder::new().handshake(io).await.map_err(|e| e.to_string())?;
+        let stream = self.connect_tcp().await?;
+        match self.mesh.load_full() {
+            None => self.handshake_http1(stream).await,
+            Some(mesh) => self.handshake_http1(self.handshake(&mesh, stream, Carrying::Http1).await?).await,
+        }
+    }
+
+    async fn handshake_http1<T>(&self, stream: T) -> Result<http1::SendRequest<RequestBody>, String>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, connection) =
+            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         self.drive(connection.with_upgrades());
         Ok(sender)
     }
 
     async fn connect_http2(&self) -> Result<http2::SendRequest<RequestBody>, String> {
-        let io = self.connect().await?;
+        let stream = self.connect_tcp().await?;
+        match self.mesh.load_full() {
+            None => self.handshake_http2(stream).await,
+            Some(mesh) => self.handshake_http2(self.handshake(&mesh, stream, Carrying::Http2).await?).await,
+        }
+    }
+
+    async fn handshake_http2<T>(&self, stream: T) -> Result<http2::SendRequest<RequestBody>, String>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .adaptive_window(true)
-            .handshake(io)
+            .handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
         self.drive(connection);

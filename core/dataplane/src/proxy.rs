@@ -266,7 +266,7 @@ impl Drop for Proxy {
 fn empty_snapshot() -> Snapshot {
     Snapshot {
         version: 0,
-        config: Config { admin: None, listeners: vec![], clusters: vec![] },
+        config: Config { admin: None, identity: None, listeners: vec![], clusters: vec![] },
         listeners: HashMap::new(),
         clusters: HashMap::new(),
     }

@@ -13,8 +13,9 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::cluster::Cluster;
-use crate::config::{Config, ListenerConfig, Protocol};
+use crate::config::{Config, ListenerConfig, MtlsMode, Protocol};
 use crate::filter::{ChainHandle, FilterChain};
+use crate::identity::{Identity, SpiffeId};
 use crate::metrics::{ListenerMetrics, Registry, RouteMetrics};
 use crate::routing::Matcher;
 use crate::tls;
@@ -40,10 +41,19 @@ pub struct Listener {
     pub listen: String,
     pub kind: Kind,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    pub mtls: Option<Mtls>,
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub metrics: Arc<ListenerMetrics>,
+}
+
+/// An inbound listener's mutual TLS: the mode and this sidecar's identity.
+pub struct Mtls {
+    pub mode: MtlsMode,
+    pub acceptor: tokio_rustls::TlsAcceptor,
+    /// This sidecar's SPIFFE ID, the `By` of `x-forwarded-client-cert`.
+    pub own_id: SpiffeId,
 }
 
 impl Listener {
@@ -76,12 +86,21 @@ impl Snapshot {
         registry: &Registry,
         chains: &HashMap<u64, ChainHandle>,
     ) -> Result<Self, Error> {
+        // Read from its files on every build, so a reload picks up a rotated certificate.
+        let identity = config.identity.as_ref().map(Identity::load).transpose().map_err(Error::Config)?;
         let mut clusters = HashMap::new();
         for c in &config.clusters {
             let reused =
                 previous.and_then(|p| p.clusters.get(&c.name)).filter(|old| old.config == *c).cloned();
             let cluster = reused.unwrap_or_else(|| Arc::new(Cluster::new(c.clone(), registry)));
             clusters.insert(c.name.clone(), cluster);
+        }
+        let mut connectors = Vec::new();
+        for (i, c) in config.clusters.iter().enumerate() {
+            let connector = clusters[&c.name]
+                .mesh_connector(identity.as_ref())
+                .map_err(|e| Error::Config(format!("clusters[{i}].{e}")))?;
+            connectors.push((c.name.clone(), connector));
         }
         let lookup = |name: &str, at: &str| {
             clusters
@@ -140,11 +159,24 @@ impl Snapshot {
                 }
                 None => None,
             };
+            let mtls = match (l.mtls, &identity) {
+                (None, _) => None,
+                (Some(_), _) if tls.is_some() => {
+                    return Err(Error::Config(format!("{at}.mtls: cannot be combined with tls")))
+                }
+                (Some(_), None) => {
+                    return Err(Error::Config(format!("{at}.mtls: needs the top-level identity")))
+                }
+                (Some(mode), Some(identity)) => {
+                    Some(Mtls { mode, acceptor: identity.acceptor.clone(), own_id: identity.id.clone() })
+                }
+            };
             let listener = Listener {
                 name: l.name.clone(),
                 listen: l.listen.clone(),
                 kind,
                 tls,
+                mtls,
                 max_body_bytes: l.limits.max_body_bytes,
                 header_read_timeout: Duration::from_secs_f64(l.limits.header_read_timeout),
                 idle_timeout: Duration::from_secs_f64(l.limits.idle_timeout),
@@ -160,6 +192,7 @@ impl Snapshot {
                 listen: admin.listen.clone(),
                 kind: Kind::Admin,
                 tls: None,
+                mtls: None,
                 max_body_bytes: Some(0),
                 header_read_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
@@ -171,6 +204,10 @@ impl Snapshot {
                     admin.listen
                 )));
             }
+        }
+        // Last, once nothing can fail: reused clusters switch to the (re)loaded identity.
+        for (name, connector) in connectors {
+            clusters[&name].set_mesh_connector(connector);
         }
         Ok(Self { version, config, listeners, clusters })
     }

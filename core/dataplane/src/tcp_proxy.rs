@@ -3,6 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::cluster::Cluster;
+use crate::pool::Upstream;
 
 /// Connects to an endpoint of `cluster` (trying the others when one refuses) and
 /// copies bytes until both sides have closed.
@@ -12,7 +13,7 @@ pub async fn forward<T: AsyncRead + AsyncWrite + Unpin>(mut downstream: T, clust
         let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
         let endpoint = &in_flight.endpoint().address;
         let pool = cluster.pool(index);
-        let mut upstream = match pool.connect_tcp().await {
+        let upstream = match pool.connect_opaque().await {
             Ok(stream) => stream,
             Err(cause) => {
                 tracing::debug!(cluster = cluster.name(), %endpoint, %cause, "tcp connect failed");
@@ -24,7 +25,11 @@ pub async fn forward<T: AsyncRead + AsyncWrite + Unpin>(mut downstream: T, clust
         let _open = pool.open_connection();
         // copy_bidirectional shuts down each write side when its read side hits EOF,
         // so a client's half-close reaches the upstream and the reply still flows back.
-        if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        let copied = match upstream {
+            Upstream::Plain(mut stream) => tokio::io::copy_bidirectional(&mut downstream, &mut stream).await,
+            Upstream::Mesh(mut stream) => tokio::io::copy_bidirectional(&mut downstream, &mut stream).await,
+        };
+        if let Err(e) = copied {
             tracing::debug!(cluster = cluster.name(), %endpoint, error = %e, "tcp stream ended with an error");
         }
         return;

@@ -10,7 +10,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::config::TlsServerConfig;
 
-fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let file = File::open(path).map_err(|e| format!("cannot read certificate {path}: {e}"))?;
     let certs = rustls_pemfile::certs(&mut BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
@@ -21,7 +21,7 @@ fn read_certs(path: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     Ok(certs)
 }
 
-fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
+pub(crate) fn read_key(path: &str) -> Result<PrivateKeyDer<'static>, String> {
     let file = File::open(path).map_err(|e| format!("cannot read key {path}: {e}"))?;
     rustls_pemfile::private_key(&mut BufReader::new(file))
         .map_err(|e| format!("bad PEM in {path}: {e}"))?
