@@ -44,6 +44,7 @@ __all__ = [
     "ConfigError",
     "FilterRef",
     "HeaderMatch",
+    "Identity",
     "Limits",
     "Listener",
     "Route",
@@ -403,10 +404,43 @@ _ListenerProtocol = Literal["http", "tcp"]
 _LbPolicy = Literal["p2c_ewma", "round_robin", "least_request"]
 _OnError = Literal["fail_closed", "fail_open"]
 _UpstreamProtocol = Literal["auto", "http1", "http2"]
+_MtlsMode = Literal["strict", "permissive"]
+_UpstreamTls = Literal["mesh"]
+_MinTls = Literal["1.2", "1.3"]
 ListenerProtocol = Annotated[_ListenerProtocol, _one_of(_ListenerProtocol)]
 LbPolicy = Annotated[_LbPolicy, _one_of(_LbPolicy)]
 UpstreamProtocol = Annotated[_UpstreamProtocol, _one_of(_UpstreamProtocol)]
 OnError = Annotated[_OnError, _one_of(_OnError)]
+MtlsMode = Annotated[_MtlsMode, _one_of(_MtlsMode)]
+UpstreamTls = Annotated[_UpstreamTls, _one_of(_UpstreamTls)]
+MinTls = Annotated[_MinTls, _one_of(_MinTls)]
+
+_SPIFFE_ID = re.compile(r"spiffe://[a-z0-9._-]+(/[^/\s]+)+", re.ASCII)
+
+
+def _spiffe_id(value: str) -> str:
+    if not _SPIFFE_ID.fullmatch(value):
+        raise ValueError(
+            "expected a SPIFFE ID such as spiffe://example.org/ns/shop/sa/payments,"
+            f" got {_show(value)}"
+        )
+    return value
+
+
+SpiffeId = Annotated[
+    str,
+    AfterValidator(_spiffe_id),
+    WithJsonSchema({"type": "string", "pattern": f"^{_SPIFFE_ID.pattern}$"}),
+]
+
+
+def _config_relative(value: str, info: ValidationInfo) -> str:
+    """An absolute path: relative ones are taken from the config file's directory."""
+    if not value:
+        raise ValueError("expected a file path")
+    # The core may run with another working directory, so it only ever sees absolute paths.
+    base = (info.context or {}).get("base_dir") or Path.cwd()
+    return os.path.normpath(Path(base) / Path(value).expanduser())
 
 
 # --- models: the shape users write ------------------------------------------------------------
@@ -431,14 +465,29 @@ class Tls(_Model):
     )
     key: str = Field(description="PEM private key; a relative path is relative to the config file.")
 
-    @field_validator("cert", "key")
-    @classmethod
-    def _absolute(cls, value: str, info: ValidationInfo) -> str:
-        if not value:
-            raise ValueError("expected a file path")
-        # The core may run with another working directory, so it only ever sees absolute paths.
-        base = (info.context or {}).get("base_dir") or Path.cwd()
-        return os.path.normpath(Path(base) / Path(value).expanduser())
+    _absolute = field_validator("cert", "key")(_config_relative)
+
+
+class Identity(_Model):
+    """This sidecar's mesh identity: a certificate whose one URI SAN is its SPIFFE ID.
+
+    Used by `mtls` listeners and `tls: mesh` clusters. The files are re-read when they change.
+    """
+
+    cert: str = Field(
+        description="PEM certificate chain, leaf first; its URI SAN"
+        " spiffe://<trust-domain>/ns/<namespace>/sa/<service> is the sidecar's identity."
+        " A relative path is relative to the config file."
+    )
+    key: str = Field(description="PEM private key of the certificate.")
+    bundle: str = Field(
+        description="PEM CA certificates (the trust bundle) that peers' certificates must chain to."
+    )
+    min_tls: MinTls = Field(
+        default="1.3", description='Oldest TLS version accepted and offered: "1.3" or "1.2".'
+    )
+
+    _absolute = field_validator("cert", "key", "bundle")(_config_relative)
 
 
 class Limits(_Model):
@@ -620,6 +669,11 @@ class Listener(_Model):
         default="http", description="http routes requests; tcp forwards bytes to one cluster."
     )
     tls: Tls | None = Field(default=None, description="Serve HTTPS (http listeners only).")
+    mtls: MtlsMode | None = Field(
+        default=None,
+        description="Mutual TLS with the mesh identity: strict accepts only mTLS with a client"
+        " certificate chaining to the identity bundle; permissive also accepts plaintext.",
+    )
     limits: Limits = Field(default_factory=Limits, description="Request limits (http only).")
     routes: list[Route] = Field(
         default_factory=list, description="http only: tried in order, first match wins."
@@ -649,7 +703,19 @@ class Cluster(_Model):
         description="auto: the downstream request's HTTP version. http2: h2c prior knowledge,"
         " needed for gRPC behind an HTTP/1 listener.",
     )
-    connect_timeout: Duration = Field(default=1.0, description="Time allowed to connect.")
+    connect_timeout: Duration = Field(
+        default=1.0, description="Time allowed to connect (and for the TLS handshake)."
+    )
+    tls: UpstreamTls | None = Field(
+        default=None,
+        description="mesh: originate mutual TLS with this sidecar's identity, verifying the"
+        " endpoint's certificate against the identity bundle.",
+    )
+    server_identity: SpiffeId | None = Field(
+        default=None,
+        description="With tls: mesh, the SPIFFE ID the endpoints must present; when omitted any"
+        " identity of this sidecar's trust domain is accepted.",
+    )
     idle_timeout: Duration = Field(
         default=90.0,
         description=(
@@ -672,6 +738,9 @@ class SidecarConfig(_Model):
     model_config = ConfigDict(title="meshpy sidecar config")
 
     admin: Admin | None = Field(default=None, description="The admin endpoints; off if omitted.")
+    identity: Identity | None = Field(
+        default=None, description="The mesh identity for mtls listeners and tls: mesh clusters."
+    )
     listeners: list[Listener] = Field(
         description="At least one listener.", json_schema_extra={"minItems": 1}
     )
@@ -693,6 +762,14 @@ class SidecarConfig(_Model):
         return json.dumps(
             {
                 "admin": None if self.admin is None else {"listen": self.admin.listen},
+                "identity": None
+                if self.identity is None
+                else {
+                    "cert": self.identity.cert,
+                    "key": self.identity.key,
+                    "bundle": self.identity.bundle,
+                    "min_tls": self.identity.min_tls,
+                },
                 "listeners": [
                     _core_listener(listener, i, filters)
                     for i, listener in enumerate(self.listeners)
@@ -705,6 +782,9 @@ class SidecarConfig(_Model):
                         "protocol": cluster.protocol,
                         "connect_timeout": cluster.connect_timeout,
                         "idle_timeout": cluster.idle_timeout,
+                        "tls": None
+                        if cluster.tls is None
+                        else {"server_identity": cluster.server_identity},
                     }
                     for cluster in self.clusters
                 ],
@@ -722,6 +802,7 @@ def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") 
         "tls": None
         if listener.tls is None
         else {"cert": listener.tls.cert, "key": listener.tls.key},
+        "mtls": listener.mtls,
         "limits": {
             "max_header_bytes": limits.max_header_bytes,
             "max_headers": limits.max_headers,
@@ -816,6 +897,11 @@ def _cross_check(config: SidecarConfig) -> list[str]:
                 errors.append(f"{path}.listen: {listener.listen} conflicts with {address} of {who}")
                 break
         bound.append((listener.listen, f"listener {listener.name!r}"))
+        if listener.mtls is not None:
+            if config.identity is None:
+                errors.append(f"{path}.mtls: needs the top-level identity (cert, key, bundle)")
+            if listener.tls is not None:
+                errors.append(f"{path}.mtls: cannot be combined with tls")
 
         if listener.protocol == "tcp":
             if listener.routes:
@@ -859,6 +945,12 @@ def _cross_check(config: SidecarConfig) -> list[str]:
                 f" (also clusters[{first}])"
             )
         cluster_names.setdefault(cluster.name, i)
+        if cluster.tls == "mesh" and config.identity is None:
+            errors.append(
+                f"clusters[{i}].tls: mesh needs the top-level identity (cert, key, bundle)"
+            )
+        if cluster.server_identity is not None and cluster.tls != "mesh":
+            errors.append(f"clusters[{i}].server_identity: only used with tls: mesh")
     return errors
 
 

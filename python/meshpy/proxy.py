@@ -82,6 +82,7 @@ class Sidecar:
         self._seen = _digest(data)  # the content last applied or rejected
         self._stat = _stat_key(self.path)
         self._module_stats = self._filter_module_stats()
+        self._identity_stats = self._identity_file_stats(self._config)
         self._runtime = FilterRuntime(_core.FilterQueue())
         self._runtime.start()
         try:
@@ -198,6 +199,7 @@ class Sidecar:
             return False
         if not self._swap(config, filters, "config rejected"):
             return False
+        self._identity_stats = self._identity_file_stats(config)
         log.info("config version %d applied", self.version)
         if self.addresses != before:
             log.info("listening: %s", self._describe_addresses())
@@ -213,6 +215,25 @@ class Sidecar:
         self._config = config
         self._filters = filters
         self._module_stats = self._filter_module_stats()
+        return True
+
+    def _identity_file_stats(self, config: SidecarConfig) -> dict[str, tuple[int, int, int] | None]:
+        identity = config.identity
+        if identity is None:
+            return {}
+        paths = (identity.cert, identity.key, identity.bundle)
+        return {path: _stat_key(Path(path)) for path in paths}
+
+    def reload_identity(self) -> bool:
+        """Re-read the identity files: new handshakes use the new certificate and bundle.
+
+        Open connections and the clusters' pools are kept. On any error the old identity stays.
+        """
+        # Remember the attempt: a half-written rotation is retried when a file changes again.
+        self._identity_stats = self._identity_file_stats(self._config)
+        if not self._swap(self._config, self._filters, "identity files refused"):
+            return False
+        log.info("identity files reloaded, version %d", self.version)
         return True
 
     def _poll(self) -> None:
@@ -237,6 +258,8 @@ class Sidecar:
         ]
         if changed:
             self.reload_filters(changed)
+        if self._identity_file_stats(self._config) != self._identity_stats:
+            self.reload_identity()
 
     def reload_filters(self, modules: list[str]) -> bool:
         """Re-import the filter `modules` and swap new instances in; on any error keep the old."""
