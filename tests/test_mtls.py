@@ -187,7 +187,10 @@ def test_wrong_server_identity_is_a_503_naming_the_mismatch(mesh):
         r = c.get(a.url("outbound") + "/x")
     assert r.status_code == 503
     assert 'cluster "b"' in r.text
-    assert f"peer identity {sid('b')} is not the expected {sid('payments')}" in r.text
+    assert r.text.endswith(
+        f"TLS handshake failed: invalid peer certificate: peer identity {sid('b')}"
+        f" is not the expected {sid('payments')}\n"
+    ), r.text
     assert a.metrics().get("upstream_connect_errors_total", cluster="b") >= 1
 
 

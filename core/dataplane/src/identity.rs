@@ -203,10 +203,19 @@ impl MeshConnector {
         let host = host.trim_start_matches('[').trim_end_matches(']');
         let name = ServerName::try_from(host.to_owned())
             .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"));
-        connector.connect(name, stream).await.map_err(|e| {
-            let cause = e.get_ref().map_or_else(|| e.to_string(), |inner| inner.to_string());
-            format!("TLS handshake failed: {cause}")
-        })
+        connector.connect(name, stream).await.map_err(|e| format!("TLS handshake failed: {}", describe(&e)))
+    }
+}
+
+/// A TLS error as a sentence: rustls' own text, and the verifiers' reasons as written
+/// (rustls shows a custom certificate error in its Debug form).
+pub fn describe(error: &std::io::Error) -> String {
+    let Some(inner) = error.get_ref() else { return error.to_string() };
+    match inner.downcast_ref::<rustls::Error>() {
+        Some(rustls::Error::InvalidCertificate(CertificateError::Other(reason))) => {
+            format!("invalid peer certificate: {reason}")
+        }
+        _ => inner.to_string(),
     }
 }
 

@@ -149,7 +149,7 @@ async fn accept_mtls(
     let tls = match handshake.await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            let cause = e.get_ref().map_or_else(|| e.to_string(), |inner| inner.to_string());
+            let cause = identity::describe(&e);
             tracing::debug!(listener = %name, %peer, %cause, "mTLS connection refused: handshake failed");
             return None;
         }
