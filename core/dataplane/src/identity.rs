@@ -136,6 +136,10 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(SingleCert(certified.clone())));
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // No resumption: every connection presents and verifies a certificate (an expired
+        // one is not let back in through a session resumed after its end).
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
         Ok(Self { id, certified, roots, provider, versions, acceptor: TlsAcceptor::from(Arc::new(server)) })
     }
 
@@ -158,6 +162,7 @@ impl Identity {
             .with_client_cert_resolver(Arc::new(SingleCert(self.certified.clone())));
         let with_alpn = |alpn: &[&[u8]]| {
             let mut config = base.clone();
+            config.resumption = rustls::client::Resumption::disabled();
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             TlsConnector::from(Arc::new(config))
         };
