@@ -340,6 +340,23 @@ def test_tcp_listeners_over_mtls(run_proxy, tcp_server, pki):
     assert metrics.get("inbound_connections_total", listener="tcpin", client_id="") == 0
 
 
+def test_permissive_tcp_listener_takes_plaintext_and_mtls(run_proxy, tcp_server, pki):
+    echo = tcp_server(echo_handler)
+    listener = {"name": "tcpin", "listen": "127.0.0.1:0", "protocol": "tcp", "cluster": "echo"}
+    b_cfg = config([{**listener, "mtls": "permissive"}], [cluster("echo", [echo.addr])])
+    b_cfg["identity"] = pki.b.identity()
+    b = run_proxy(b_cfg)
+    with connect(b.addr("tcpin")) as sock:
+        sock.sendall(b"plain bytes")
+        assert sock.recv(100) == b"plain bytes"
+    with connect(b.addr("tcpin")) as raw, tls_context(pki.a, pki).wrap_socket(raw) as sock:
+        sock.sendall(b"secret bytes")
+        assert sock.recv(100) == b"secret bytes"
+    metrics = b.metrics()
+    assert metrics.get("inbound_connections_total", listener="tcpin", client_id="") == 1
+    assert metrics.get("inbound_connections_total", listener="tcpin", client_id=sid("a")) == 1
+
+
 # --- identity config ----------------------------------------------------------------------------
 
 
