@@ -483,6 +483,28 @@ def test_identity_config_is_validated(tmp_path):
 # --- rotation -----------------------------------------------------------------------------------
 
 
+def test_rotation_keeps_open_connections_and_pools(run_proxy, upstream, pki, tmp_path):
+    a_creds, b_creds = issue(pki.ca, tmp_path / "a", "a"), issue(pki.ca, tmp_path / "b", "b")
+    b_cfg = inbound_config(pki, upstream.addr)
+    b_cfg["identity"] = b_creds.identity()
+    b = run_proxy(b_cfg)
+    a_cfg = outbound_config(pki, b.addr("inbound"), server_identity=sid("b"))
+    a_cfg["identity"] = a_creds.identity()
+    a = run_proxy(a_cfg)
+    with client() as c:
+        assert c.get(a.url("outbound") + "/before").status_code == 200
+        issue(pki.ca, tmp_path / "a", "a")
+        issue(pki.ca, tmp_path / "b", "b")
+        eventually(lambda: _logged(a, "identity files reloaded"))
+        eventually(lambda: _logged(b, "identity files reloaded"))
+        assert c.get(a.url("outbound") + "/after").status_code == 200
+    # The second request went over the first mTLS connection: pool and connection were kept.
+    assert a.metrics().get("upstream_connect_total", cluster="b") == 1
+    metrics = b.metrics()
+    assert metrics.get("inbound_connections_total", listener="inbound", client_id=sid("a")) == 1
+    assert metrics.get("inbound_requests_total", listener="inbound", client_id=sid("a")) == 2
+
+
 def test_short_lived_certificates_rotate_under_load(run_proxy, upstream, pki, tmp_path):
     """Certificates of 4 s re-issued every second: zero failed requests, and once the first ones
     have expired, new connections (a burst the pool must open them for) still succeed."""
