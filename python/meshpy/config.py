@@ -407,11 +407,13 @@ _UpstreamProtocol = Literal["auto", "http1", "http2"]
 _MtlsMode = Literal["strict", "permissive"]
 _UpstreamTls = Literal["mesh"]
 _MinTls = Literal["1.2", "1.3"]
+_AuthzAction = Literal["allow", "deny"]
 ListenerProtocol = Annotated[_ListenerProtocol, _one_of(_ListenerProtocol)]
 LbPolicy = Annotated[_LbPolicy, _one_of(_LbPolicy)]
 UpstreamProtocol = Annotated[_UpstreamProtocol, _one_of(_UpstreamProtocol)]
 OnError = Annotated[_OnError, _one_of(_OnError)]
 MtlsMode = Annotated[_MtlsMode, _one_of(_MtlsMode)]
+AuthzAction = Annotated[_AuthzAction, _one_of(_AuthzAction)]
 UpstreamTls = Annotated[_UpstreamTls, _one_of(_UpstreamTls)]
 MinTls = Annotated[_MinTls, _one_of(_MinTls)]
 
@@ -431,6 +433,46 @@ SpiffeId = Annotated[
     str,
     AfterValidator(_spiffe_id),
     WithJsonSchema({"type": "string", "pattern": f"^{_SPIFFE_ID.pattern}$"}),
+]
+
+
+def _identity_pattern(value: str) -> str:
+    """A SPIFFE ID, or a prefix of one ending in ``/*`` (``spiffe://example.org/ns/ops/*``)."""
+    prefix = value[:-2] if value.endswith("/*") else value
+    trust_domain_only = value.endswith("/*") and re.fullmatch(r"spiffe://[a-z0-9._-]+", prefix)
+    if "*" in prefix or not (trust_domain_only or _SPIFFE_ID.fullmatch(prefix)):
+        raise ValueError(
+            "expected a SPIFFE ID such as spiffe://example.org/ns/shop/sa/frontend or a prefix"
+            f" ending in /* such as spiffe://example.org/ns/shop/*, got {_show(value)}"
+        )
+    return value
+
+
+def _authz_path(value: str) -> str:
+    """An exact path, or a prefix written with one trailing ``*``."""
+    if not value.startswith("/") or "*" in value[:-1]:
+        raise ValueError(
+            "expected an exact path such as /orders or a prefix ending in * such as /catalog/*,"
+            f" got {_show(value)}"
+        )
+    return value
+
+
+def _not_empty_list(value: list[Any]) -> list[Any]:
+    if not value:
+        raise ValueError("expected at least one item (omit the condition to match anything)")
+    return value
+
+
+IdentityPattern = Annotated[
+    str,
+    AfterValidator(_identity_pattern),
+    WithJsonSchema({"type": "string", "examples": ["spiffe://example.org/ns/shop/*"]}),
+]
+AuthzPath = Annotated[
+    str,
+    AfterValidator(_authz_path),
+    WithJsonSchema({"type": "string", "examples": ["/orders", "/catalog/*"]}),
 ]
 
 
@@ -552,6 +594,17 @@ HeaderMatchValue = Annotated[
 ]
 
 
+def _header_names(headers: dict[str, HeaderMatch]) -> dict[str, HeaderMatch]:
+    lowered: dict[str, HeaderMatch] = {}
+    for name, match in headers.items():
+        if not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if name.lower() in lowered:
+            raise ValueError(f"header {name!r} is listed twice (names are case-insensitive)")
+        lowered[name.lower()] = match
+    return lowered
+
+
 class RouteMatch(_Model):
     """What a request must look like to take a route. Every condition given must hold."""
 
@@ -570,23 +623,47 @@ class RouteMatch(_Model):
         description="Header name -> exact value, {regex: ...} or {present: true}.",
     )
 
-    @field_validator("headers")
-    @classmethod
-    def _header_names(cls, headers: dict[str, HeaderMatch]) -> dict[str, HeaderMatch]:
-        lowered: dict[str, HeaderMatch] = {}
-        for name, match in headers.items():
-            if not _TOKEN.fullmatch(name):
-                raise ValueError(f"invalid header name {name!r}")
-            if name.lower() in lowered:
-                raise ValueError(f"header {name!r} is listed twice (names are case-insensitive)")
-            lowered[name.lower()] = match
-        return lowered
+    _header_names = field_validator("headers")(_header_names)
 
     @model_validator(mode="after")
     def _one_path_matcher(self) -> "RouteMatch":
         if sum(p is not None for p in (self.path, self.path_prefix, self.path_regex)) > 1:
             raise ValueError("at most one of path, path_prefix, path_regex may be given")
         return self
+
+
+class AuthzRule(_Model):
+    """One authorization rule: every condition given must hold; within a list, any item."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    name: Name = Field(description="Unique within the listener; the `rule` label of authz_*_total.")
+    action: AuthzAction = Field(description="allow or deny; deny rules win over allow rules.")
+    from_: Annotated[list[IdentityPattern], AfterValidator(_not_empty_list)] | None = Field(
+        default=None,
+        alias="from",
+        description="Callers' SPIFFE IDs, or prefixes ending in /*; a caller without an"
+        " identity (plaintext) never matches. Omit to match any caller.",
+    )
+    paths: Annotated[list[AuthzPath], AfterValidator(_not_empty_list)] | None = Field(
+        default=None, description="Exact paths, or prefixes ending in * (http only)."
+    )
+    methods: Methods | None = Field(default=None, description="A method or a list (http only).")
+    headers: dict[str, HeaderMatchValue] = Field(
+        default_factory=dict,
+        description="Header name -> exact value, {regex: ...} or {present: true} (http only).",
+    )
+
+    _header_names = field_validator("headers")(_header_names)
+
+
+class Authz(_Model):
+    """A listener's authorization policy, evaluated by the data plane for every request."""
+
+    default: AuthzAction = Field(
+        default="allow", description="What happens to a request no rule matches."
+    )
+    rules: list[AuthzRule] = Field(default_factory=list, description="Allow and deny rules.")
 
 
 class FilterRef(_Model):
@@ -675,6 +752,11 @@ class Listener(_Model):
         " certificate chaining to the identity bundle; permissive also accepts plaintext.",
     )
     limits: Limits = Field(default_factory=Limits, description="Request limits (http only).")
+    authz: Authz | None = Field(
+        default=None,
+        description="Authorization policy (http only): deny rules, then allow rules, then the"
+        " default action. Without it every request is allowed.",
+    )
     routes: list[Route] = Field(
         default_factory=list, description="http only: tried in order, first match wins."
     )
@@ -803,6 +885,7 @@ def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") 
         if listener.tls is None
         else {"cert": listener.tls.cert, "key": listener.tls.key},
         "mtls": listener.mtls,
+        "authz": None if listener.authz is None else _core_authz(listener.authz),
         "limits": {
             "max_header_bytes": limits.max_header_bytes,
             "max_headers": limits.max_headers,
@@ -813,6 +896,30 @@ def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") 
         "routes": [
             _core_route(route, _chain(filters, index, j, route))
             for j, route in enumerate(listener.routes)
+        ],
+    }
+
+
+def _core_headers(headers: dict[str, HeaderMatch]) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "exact": h.exact, "regex": h.regex, "present": bool(h.present)}
+        for name, h in headers.items()
+    ]
+
+
+def _core_authz(authz: Authz) -> dict[str, Any]:
+    return {
+        "default": authz.default,
+        "rules": [
+            {
+                "name": rule.name,
+                "action": rule.action,
+                "from": list(rule.from_ or []),
+                "paths": list(rule.paths or []),
+                "methods": list(rule.methods or []),
+                "headers": _core_headers(rule.headers),
+            }
+            for rule in authz.rules
         ],
     }
 
@@ -836,15 +943,7 @@ def _core_route(route: Route, chain: dict[str, Any] | None) -> dict[str, Any]:
             "path_prefix": match.path_prefix,
             "path_regex": match.path_regex,
             "methods": list(match.method or []),
-            "headers": [
-                {
-                    "name": name,
-                    "exact": header.exact,
-                    "regex": header.regex,
-                    "present": bool(header.present),
-                }
-                for name, header in match.headers.items()
-            ],
+            "headers": _core_headers(match.headers),
         },
         "cluster": route.cluster,
         "timeout": route.timeout,
@@ -912,6 +1011,11 @@ def _cross_check(config: SidecarConfig) -> list[str]:
                 errors.append(f"{path}.limits: not allowed on a tcp listener")
             if listener.tls is not None:
                 errors.append(f"{path}.tls: not supported on a tcp listener")
+            if listener.authz is not None:
+                errors.append(
+                    f"{path}.authz: not supported on a tcp listener yet"
+                    " (authorization policies apply to HTTP requests only)"
+                )
             if listener.cluster is None:
                 errors.append(f"{path}.cluster: required for a tcp listener")
             else:
@@ -925,6 +1029,16 @@ def _cross_check(config: SidecarConfig) -> list[str]:
             )
         if not listener.routes:
             errors.append(f"{path}.routes: an http listener needs at least one route")
+        if listener.authz is not None:
+            rule_names: dict[str, int] = {}
+            for j, rule in enumerate(listener.authz.rules):
+                at = f"{path}.authz.rules[{j}].name"
+                if rule.name == "default":
+                    errors.append(f"{at}: 'default' is reserved for the default action's metrics")
+                elif rule.name in rule_names:
+                    first = rule_names[rule.name]
+                    errors.append(f"{at}: duplicate rule name {rule.name!r} (also rules[{first}])")
+                rule_names.setdefault(rule.name, j)
         route_names: dict[str, int] = {}
         for j, route in enumerate(listener.routes):
             assert route.name is not None  # filled in by Listener
@@ -1014,7 +1128,7 @@ def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
             return []
     annotation = _unwrap(annotation)
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return list(annotation.model_fields)
+        return [field.alias or name for name, field in annotation.model_fields.items()]
     return []
 
 

@@ -75,6 +75,36 @@ pub struct ListenerConfig {
     pub mtls: Option<MtlsMode>,
     pub limits: Limits,
     pub routes: Vec<RouteConfig>,
+    /// The listener's authorization policy; `None`: every request is allowed.
+    #[serde(default)]
+    pub authz: Option<AuthzConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthzAction {
+    Allow,
+    Deny,
+}
+
+/// Deny rules win over allow rules; with neither matching, `default` applies.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthzConfig {
+    pub default: AuthzAction,
+    pub rules: Vec<AuthzRuleConfig>,
+}
+
+/// Every non-empty condition must hold; within one, any item may match.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AuthzRuleConfig {
+    pub name: String,
+    pub action: AuthzAction,
+    /// SPIFFE IDs, or prefixes of them ending in `/*`.
+    pub from: Vec<String>,
+    /// Exact paths, or prefixes ending in `*`.
+    pub paths: Vec<String>,
+    pub methods: Vec<String>,
+    pub headers: Vec<HeaderMatchConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

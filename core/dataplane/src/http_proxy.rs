@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::authz::Denied;
 use crate::balance::InFlight;
 use crate::body::{read_to_limit, BodyTooLarge, ReadError, RequestBody, ResponseBody};
 use crate::cluster::Cluster;
@@ -119,6 +120,13 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
     let Kind::Http { routes, .. } = &listener.kind else {
         return Ok(ProxyError::NotHttp.into_response(grpc));
     };
+    if let Some(policy) = &listener.authz {
+        if let Err(denied) =
+            policy.check(ctx.identity.as_deref(), req.method(), req.uri().path(), req.headers())
+        {
+            return Ok(ProxyError::Denied(denied).into_response(grpc));
+        }
+    }
     let host = request_host(req.uri(), req.headers());
     let path = req.uri().path();
     let Some(route) = routes.iter().find(|r| r.matcher.matches(&host, path, req.method(), req.headers()))
@@ -631,6 +639,8 @@ fn find_cause<'a, T: std::error::Error + 'static>(
 pub enum ProxyError {
     NoRoute(String),
     NotHttp,
+    /// The listener's authorization policy refused the request.
+    Denied(Denied),
     BadRequest(&'static str),
     TooLarge(u64),
     NoEndpoint(String),
@@ -660,6 +670,8 @@ impl fmt::Display for ProxyError {
         match self {
             Self::NoRoute(host) => write!(f, "no route for host \"{host}\""),
             Self::NotHttp => write!(f, "listener does not serve HTTP"),
+            Self::Denied(Denied::Rule(rule)) => write!(f, "denied by authorization rule \"{rule}\""),
+            Self::Denied(Denied::Default) => write!(f, "denied by authorization policy (default deny)"),
             Self::BadRequest(why) => write!(f, "bad request: {why}"),
             Self::TooLarge(limit) => write!(f, "request body larger than {limit} bytes"),
             Self::NoEndpoint(cluster) => write!(f, "no endpoint available in cluster \"{cluster}\""),
@@ -682,6 +694,7 @@ impl ProxyError {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NotHttp => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Denied(_) => StatusCode::FORBIDDEN,
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::NoEndpoint(_) | Self::Connect { .. } => StatusCode::SERVICE_UNAVAILABLE,
@@ -699,6 +712,7 @@ impl ProxyError {
             Self::TooLarge(_) => "8",
             Self::Timeout { .. } => "4",
             Self::NotHttp => "13",
+            Self::Denied(_) => "7",
             Self::Filter { status, .. } if *status == StatusCode::INTERNAL_SERVER_ERROR => "13",
             Self::Filter { .. } => "14",
             Self::NoEndpoint(_) | Self::Connect { .. } | Self::Upstream { .. } => "14",

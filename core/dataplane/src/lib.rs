@@ -3,6 +3,7 @@
 //! about Python; the binding crate wraps [`Proxy`].
 
 mod admin;
+mod authz;
 mod balance;
 mod body;
 mod cluster;

@@ -134,6 +134,13 @@ pub struct InboundMetrics {
     pub connections: AtomicU64,
 }
 
+/// Authorization decisions of one listener's rule (or its default action).
+#[derive(Default)]
+pub struct AuthzMetrics {
+    pub allowed: AtomicU64,
+    pub denied: AtomicU64,
+}
+
 #[derive(Default)]
 struct Series {
     routes: BTreeMap<(String, String, String), Arc<RouteMetrics>>,
@@ -141,6 +148,7 @@ struct Series {
     clusters: BTreeMap<String, Arc<ClusterMetrics>>,
     listeners: BTreeMap<String, Arc<ListenerMetrics>>,
     inbound: BTreeMap<(String, String), Arc<InboundMetrics>>,
+    authz: BTreeMap<(String, String), Arc<AuthzMetrics>>,
 }
 
 #[derive(Default)]
@@ -180,6 +188,12 @@ impl Registry {
         series.inbound.entry(key).or_default().clone()
     }
 
+    pub fn authz(&self, listener: &str, rule: &str) -> Arc<AuthzMetrics> {
+        let key = (listener.to_owned(), rule.to_owned());
+        let mut series = self.series.lock().unwrap();
+        series.authz.entry(key).or_default().clone()
+    }
+
     /// Renders every series in the Prometheus text exposition format.
     pub fn render(&self) -> String {
         let series = self.series.lock().unwrap();
@@ -189,6 +203,7 @@ impl Registry {
         render_clusters(&mut out, &series.clusters);
         render_listeners(&mut out, &series.listeners);
         render_inbound(&mut out, &series.inbound);
+        render_authz(&mut out, &series.authz);
         header(&mut out, "config_version", "gauge", "Version of the active configuration.");
         let _ = writeln!(out, "config_version {}", self.config_version.load(Relaxed));
         header(&mut out, "config_reload_total", "counter", "Configuration reloads by result.");
@@ -361,6 +376,25 @@ fn render_inbound(out: &mut String, inbound: &BTreeMap<(String, String), Arc<Inb
                 esc(client_id),
                 value(m)
             );
+        }
+    }
+}
+
+fn render_authz(out: &mut String, authz: &BTreeMap<(String, String), Arc<AuthzMetrics>>) {
+    type Row = (&'static str, &'static str, fn(&AuthzMetrics) -> u64);
+    let rows: [Row; 2] = [
+        ("authz_allow_total", "Requests allowed by an authorization rule or the default action.", |m| {
+            m.allowed.load(Relaxed)
+        }),
+        ("authz_deny_total", "Requests denied by an authorization rule or the default action.", |m| {
+            m.denied.load(Relaxed)
+        }),
+    ];
+    for (name, help, value) in rows {
+        header(out, name, "counter", help);
+        for ((listener, rule), m) in authz {
+            let _ =
+                writeln!(out, "{name}{{listener=\"{}\",rule=\"{}\"}} {}", esc(listener), esc(rule), value(m));
         }
     }
 }

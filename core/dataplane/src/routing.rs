@@ -30,7 +30,7 @@ enum HeaderValueMatch {
 }
 
 #[derive(Debug)]
-struct HeaderMatch {
+pub(crate) struct HeaderMatch {
     name: http::HeaderName,
     value: HeaderValueMatch,
 }
@@ -95,7 +95,7 @@ impl Matcher {
     }
 }
 
-fn compile_header(config: &HeaderMatchConfig, at: &str) -> Result<HeaderMatch, Error> {
+pub(crate) fn compile_header(config: &HeaderMatchConfig, at: &str) -> Result<HeaderMatch, Error> {
     let name = http::HeaderName::from_bytes(config.name.as_bytes())
         .map_err(|_| Error::Config(format!("{at}.match.headers: invalid header name {:?}", config.name)))?;
     let value = match (&config.exact, &config.regex) {
@@ -108,7 +108,7 @@ fn compile_header(config: &HeaderMatchConfig, at: &str) -> Result<HeaderMatch, E
 
 impl HeaderMatch {
     /// Any one of a multi-valued header satisfying the condition is enough.
-    fn matches(&self, headers: &HeaderMap) -> bool {
+    pub(crate) fn matches(&self, headers: &HeaderMap) -> bool {
         let mut values = headers.get_all(&self.name).iter();
         match &self.value {
             HeaderValueMatch::Present => values.next().is_some(),

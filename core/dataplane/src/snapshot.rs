@@ -12,6 +12,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::authz::Policy;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig, MtlsMode, Protocol};
 use crate::filter::{ChainHandle, FilterChain};
@@ -42,6 +43,8 @@ pub struct Listener {
     pub kind: Kind,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     pub mtls: Option<Mtls>,
+    /// Checked once per request before routing; `None`: no policy, nothing to do.
+    pub authz: Option<Policy>,
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -171,12 +174,22 @@ impl Snapshot {
                     Some(Mtls { mode, acceptor: identity.acceptor.clone(), own_id: identity.id.clone() })
                 }
             };
+            let authz = match (&l.authz, l.protocol) {
+                (None, _) => None,
+                (Some(_), Protocol::Tcp) => {
+                    return Err(Error::Config(format!("{at}.authz: not supported on a tcp listener")))
+                }
+                (Some(a), Protocol::Http) => {
+                    Some(Policy::compile(a, &l.name, registry, &format!("{at}.authz"))?)
+                }
+            };
             let listener = Listener {
                 name: l.name.clone(),
                 listen: l.listen.clone(),
                 kind,
                 tls,
                 mtls,
+                authz,
                 max_body_bytes: l.limits.max_body_bytes,
                 header_read_timeout: Duration::from_secs_f64(l.limits.header_read_timeout),
                 idle_timeout: Duration::from_secs_f64(l.limits.idle_timeout),
@@ -193,6 +206,7 @@ impl Snapshot {
                 kind: Kind::Admin,
                 tls: None,
                 mtls: None,
+                authz: None,
                 max_body_bytes: Some(0),
                 header_read_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
