@@ -4,12 +4,15 @@ path, method and header rules, default deny, metrics and reloads."""
 
 from __future__ import annotations
 
+import socket
+import ssl
 import uuid
 from dataclasses import dataclass
 
 import pytest
 import yaml
-from helpers import client, cluster, config, eventually, http_listener
+from helpers import client, cluster, config, connect, eventually, http_listener, read_until_close
+from servers import echo_handler
 from test_mtls import DOMAIN, Creds, issue, sid
 
 from meshpy.ca import CertificateAuthority, write_pem_files
@@ -287,9 +290,65 @@ def test_invalid_policies_name_the_field(authz, expected):
     assert expected in check(authz)
 
 
-def test_authz_on_a_tcp_listener_is_refused():
-    message = check({"rules": [{"name": "r", "action": "allow", "from": [sid("a")]}]}, "tcp")
-    assert "listeners[0].authz: not supported on a tcp listener yet" in message
+def test_tcp_listener_rules_take_only_from():
+    message = check({"rules": [{"name": "r", "action": "allow", "paths": ["/x"]}]}, "tcp")
+    assert "listeners[0].authz.rules[0].paths: not allowed on a tcp listener" in message
+    message = check({"rules": [{"name": "r", "action": "deny", "methods": "GET"}]}, "tcp")
+    assert "listeners[0].authz.rules[0].methods: not allowed on a tcp listener" in message
+
+
+def tls_exchange(addr: tuple[str, int], creds: Creds | None, ids: Ids, data: bytes) -> bytes:
+    """Send `data` over mTLS (plaintext without creds); what comes back before the close."""
+    with connect(addr) as raw:
+        if creds is None:
+            raw.sendall(data)
+            return read_until_close(raw, 5)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.check_hostname = False
+        ctx.load_verify_locations(str(ids.b.bundle))
+        ctx.load_cert_chain(str(creds.cert), str(creds.key))
+        with ctx.wrap_socket(raw) as sock:
+            try:
+                sock.sendall(data)
+                sock.settimeout(5)
+                got = sock.recv(100)
+                if got:
+                    sock.shutdown(socket.SHUT_WR)
+                return got + read_until_close(sock, 5)
+            except (ssl.SSLError, ConnectionError):
+                return b""
+
+
+def test_tcp_connections_are_authorized_by_caller(run_proxy, tcp_server, ids):
+    echo = tcp_server(echo_handler)
+    policy = {
+        "default": "deny",
+        "rules": [
+            {"name": "shop", "action": "allow", "from": [f"spiffe://{DOMAIN}/ns/shop/*"]},
+            {"name": "no-c", "action": "deny", "from": [sid("c")]},
+        ],
+    }
+    listener = {
+        "name": "tcpin",
+        "listen": "127.0.0.1:0",
+        "protocol": "tcp",
+        "cluster": "echo",
+        "mtls": "permissive",
+        "authz": policy,
+    }
+    cfg = config([listener], [cluster("echo", [echo.addr])])
+    cfg["identity"] = ids.b.identity()
+    b = run_proxy(cfg)
+    addr = b.addr("tcpin")
+    assert tls_exchange(addr, ids.a, ids, b"from a") == b"from a"
+    assert tls_exchange(addr, ids.c, ids, b"from c") == b""  # deny wins over the shop glob
+    assert tls_exchange(addr, ids.ops, ids, b"from ops") == b""  # default deny
+    assert tls_exchange(addr, None, ids, b"plaintext") == b""  # no identity: default deny
+    metrics = b.metrics()
+    assert metrics.get("authz_allow_total", listener="tcpin", rule="shop") == 1
+    assert metrics.get("authz_deny_total", listener="tcpin", rule="no-c") == 1
+    assert metrics.get("authz_deny_total", listener="tcpin", rule="default") == 2
+    assert metrics.get("inbound_connections_total", listener="tcpin", client_id=OPS) == 1
 
 
 def test_valid_policies_load():

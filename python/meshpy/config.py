@@ -754,8 +754,8 @@ class Listener(_Model):
     limits: Limits = Field(default_factory=Limits, description="Request limits (http only).")
     authz: Authz | None = Field(
         default=None,
-        description="Authorization policy (http only): deny rules, then allow rules, then the"
-        " default action. Without it every request is allowed.",
+        description="Authorization policy: deny rules, then allow rules, then the default"
+        " action (tcp listeners: per connection, `from` rules only). Without it all is allowed.",
     )
     routes: list[Route] = Field(
         default_factory=list, description="http only: tried in order, first match wins."
@@ -1002,6 +1002,16 @@ def _cross_check(config: SidecarConfig) -> list[str]:
             if listener.tls is not None:
                 errors.append(f"{path}.mtls: cannot be combined with tls")
 
+        rule_names: dict[str, int] = {}
+        for j, rule in enumerate(listener.authz.rules if listener.authz else []):
+            at = f"{path}.authz.rules[{j}].name"
+            if rule.name == "default":
+                errors.append(f"{at}: 'default' is reserved for the default action's metrics")
+            elif rule.name in rule_names:
+                first = rule_names[rule.name]
+                errors.append(f"{at}: duplicate rule name {rule.name!r} (also rules[{first}])")
+            rule_names.setdefault(rule.name, j)
+
         if listener.protocol == "tcp":
             if listener.routes:
                 errors.append(
@@ -1011,11 +1021,13 @@ def _cross_check(config: SidecarConfig) -> list[str]:
                 errors.append(f"{path}.limits: not allowed on a tcp listener")
             if listener.tls is not None:
                 errors.append(f"{path}.tls: not supported on a tcp listener")
-            if listener.authz is not None:
-                errors.append(
-                    f"{path}.authz: not supported on a tcp listener yet"
-                    " (authorization policies apply to HTTP requests only)"
-                )
+            for j, rule in enumerate(listener.authz.rules if listener.authz else []):
+                for field in ("paths", "methods", "headers"):
+                    if field in rule.model_fields_set:
+                        errors.append(
+                            f"{path}.authz.rules[{j}].{field}: not allowed on a tcp listener;"
+                            " its connections are authorized by `from` only"
+                        )
             if listener.cluster is None:
                 errors.append(f"{path}.cluster: required for a tcp listener")
             else:
@@ -1029,16 +1041,6 @@ def _cross_check(config: SidecarConfig) -> list[str]:
             )
         if not listener.routes:
             errors.append(f"{path}.routes: an http listener needs at least one route")
-        if listener.authz is not None:
-            rule_names: dict[str, int] = {}
-            for j, rule in enumerate(listener.authz.rules):
-                at = f"{path}.authz.rules[{j}].name"
-                if rule.name == "default":
-                    errors.append(f"{at}: 'default' is reserved for the default action's metrics")
-                elif rule.name in rule_names:
-                    first = rule_names[rule.name]
-                    errors.append(f"{at}: duplicate rule name {rule.name!r} (also rules[{first}])")
-                rule_names.setdefault(rule.name, j)
         route_names: dict[str, int] = {}
         for j, route in enumerate(listener.routes):
             assert route.name is not None  # filled in by Listener

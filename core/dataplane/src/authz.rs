@@ -74,10 +74,12 @@ impl Rule {
         })
     }
 
+    fn matches_caller(&self, identity: Option<&str>) -> bool {
+        self.from.is_empty() || identity.is_some_and(|id| self.from.iter().any(|p| p.matches(id)))
+    }
+
     fn matches(&self, identity: Option<&str>, method: &Method, path: &str, headers: &HeaderMap) -> bool {
-        let from_ok =
-            self.from.is_empty() || identity.is_some_and(|id| self.from.iter().any(|p| p.matches(id)));
-        from_ok
+        self.matches_caller(identity)
             && (self.paths.is_empty() || self.paths.iter().any(|p| p.matches(path)))
             && (self.methods.is_empty() || self.methods.contains(method))
             && self.headers.iter().all(|h| h.matches(headers))
@@ -122,9 +124,30 @@ impl Policy {
         path: &str,
         headers: &HeaderMap,
     ) -> Result<(), Denied> {
+        self.decide(|rule| rule.matches(identity, method, path, headers))
+    }
+
+    /// Decides one TCP connection by its caller alone: tcp listeners' rules have only `from`.
+    pub fn check_caller(&self, identity: Option<&str>) -> Result<(), Denied> {
+        self.decide(|rule| rule.matches_caller(identity))
+    }
+
+    /// Whether every rule is a `from`-only rule, as a tcp listener needs; else the offender.
+    pub fn only_from(config: &AuthzConfig) -> Result<(), usize> {
+        match config
+            .rules
+            .iter()
+            .position(|r| !r.paths.is_empty() || !r.methods.is_empty() || !r.headers.is_empty())
+        {
+            Some(i) => Err(i),
+            None => Ok(()),
+        }
+    }
+
+    fn decide(&self, matches: impl Fn(&Rule) -> bool) -> Result<(), Denied> {
         let mut allowed_by = None;
         for rule in &self.rules {
-            if !rule.matches(identity, method, path, headers) {
+            if !matches(rule) {
                 continue;
             }
             match rule.action {
@@ -199,5 +222,20 @@ mod tests {
         );
         assert_eq!(registry.authz("inbound", "reads").allowed.load(Relaxed), 1);
         assert_eq!(registry.authz("inbound", DEFAULT_RULE).denied.load(Relaxed), 3);
+        assert_eq!(Policy::only_from(&config), Err(0));
+    }
+
+    #[test]
+    fn tcp_connections_are_decided_by_the_caller() {
+        let registry = Registry::default();
+        let config = AuthzConfig {
+            default: AuthzAction::Deny,
+            rules: vec![rule("shop", AuthzAction::Allow, &["spiffe://example.org/ns/shop/*"], &[])],
+        };
+        assert_eq!(Policy::only_from(&config), Ok(()));
+        let policy = Policy::compile(&config, "db", &registry, "listeners[0].authz").unwrap();
+        assert_eq!(policy.check_caller(Some("spiffe://example.org/ns/shop/sa/a")), Ok(()));
+        assert_eq!(policy.check_caller(Some("spiffe://example.org/ns/ops/sa/a")), Err(Denied::Default));
+        assert_eq!(policy.check_caller(None), Err(Denied::Default));
     }
 }

@@ -59,14 +59,26 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
     let _guard = (!matches!(listener.kind, Kind::Admin)).then(|| shared.drain.guard());
     match &listener.kind {
         Kind::Tcp { cluster } => match &listener.mtls {
-            None => tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await,
+            None => {
+                if tcp_allowed(&listener, None, peer) {
+                    tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
+                }
+            }
             Some(mtls) => {
                 let Some(inbound) = accept_mtls(stream, peer, &listener, mtls).await else { return };
                 let caller = match &inbound {
-                    Inbound::Plain(_) => "",
-                    Inbound::Mesh(_, id) => id,
+                    Inbound::Plain(_) => None,
+                    Inbound::Mesh(_, id) => Some(&**id),
                 };
-                shared.registry.inbound(&listener.name, caller).connections.fetch_add(1, Relaxed);
+                shared
+                    .registry
+                    .inbound(&listener.name, caller.unwrap_or_default())
+                    .connections
+                    .fetch_add(1, Relaxed);
+                // Denied: the connection is dropped, so closed, before anything is forwarded.
+                if !tcp_allowed(&listener, caller, peer) {
+                    return;
+                }
                 match inbound {
                     Inbound::Plain(stream) => {
                         tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
@@ -120,6 +132,18 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
 
 /// A connection accepted by an mTLS listener: plaintext (permissive only), or mutual
 /// TLS with the caller's SPIFFE ID.
+/// A tcp listener's authorization policy, applied once per connection by the caller's identity.
+fn tcp_allowed(listener: &Listener, caller: Option<&str>, peer: SocketAddr) -> bool {
+    let Some(policy) = &listener.authz else { return true };
+    match policy.check_caller(caller) {
+        Ok(()) => true,
+        Err(denied) => {
+            tracing::debug!(listener = %listener.name, %peer, ?caller, ?denied, "tcp connection denied by authorization policy");
+            false
+        }
+    }
+}
+
 enum Inbound {
     Plain(TcpStream),
     Mesh(Box<TlsStream<TcpStream>>, Arc<str>),

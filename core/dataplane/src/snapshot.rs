@@ -176,10 +176,12 @@ impl Snapshot {
             };
             let authz = match (&l.authz, l.protocol) {
                 (None, _) => None,
-                (Some(_), Protocol::Tcp) => {
-                    return Err(Error::Config(format!("{at}.authz: not supported on a tcp listener")))
-                }
-                (Some(a), Protocol::Http) => {
+                (Some(a), protocol) => {
+                    if let (Protocol::Tcp, Err(i)) = (protocol, Policy::only_from(a)) {
+                        return Err(Error::Config(format!(
+                            "{at}.authz.rules[{i}]: only `from` applies on a tcp listener"
+                        )));
+                    }
                     Some(Policy::compile(a, &l.name, registry, &format!("{at}.authz"))?)
                 }
             };
