@@ -510,26 +510,123 @@ class Tls(_Model):
     _absolute = field_validator("cert", "key")(_config_relative)
 
 
+def _ca_dir(value: str, info: ValidationInfo) -> str:
+    """An absolute path to a meshpy CA directory that loads (its files, its expiry not checked)."""
+    from .ca import CAError, CertificateAuthority
+
+    path = _config_relative(value, info)
+    try:
+        CertificateAuthority.load(path)
+    except CAError as exc:
+        raise ValueError(str(exc)) from None
+    return path
+
+
+def _ca_name(kind: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        from . import ca
+
+        return getattr(ca, f"validate_{kind}")(value)  # InvalidNameError is a ValueError
+
+    return check
+
+
+def _ttl(value: object) -> float:
+    from .ca import parse_ttl
+
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise ValueError(f"expected a ttl such as 30s, 90m, 24h or 3650d, got {_show(value)}")
+    return parse_ttl(value)
+
+
+def _fraction(value: object) -> float:
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 < value < 1:
+        return float(value)
+    raise ValueError(f"expected a fraction of the lifetime between 0 and 1, got {_show(value)}")
+
+
+_IDENTITY_FILES = ("cert", "key", "bundle")
+_IDENTITY_ISSUE = ("ca", "service", "namespace")
+_IDENTITY_EITHER = "give either cert, key and bundle, or ca, service and namespace"
+
+
 class Identity(_Model):
     """This sidecar's mesh identity: a certificate whose one URI SAN is its SPIFFE ID.
 
-    Used by `mtls` listeners and `tls: mesh` clusters. The files are re-read when they change.
+    Used by `mtls` listeners and `tls: mesh` clusters. Either files (cert, key, bundle),
+    re-read when they change, or, for development, a CA directory the sidecar issues its own
+    certificate from (ca, service, namespace), renewed at `renew_at` of its lifetime.
     """
 
-    cert: str = Field(
+    cert: str | None = Field(
+        default=None,
         description="PEM certificate chain, leaf first; its URI SAN"
         " spiffe://<trust-domain>/ns/<namespace>/sa/<service> is the sidecar's identity."
-        " A relative path is relative to the config file."
+        " A relative path is relative to the config file.",
     )
-    key: str = Field(description="PEM private key of the certificate.")
-    bundle: str = Field(
-        description="PEM CA certificates (the trust bundle) that peers' certificates must chain to."
+    key: str | None = Field(default=None, description="PEM private key of the certificate.")
+    bundle: str | None = Field(
+        default=None,
+        description="PEM CA certificates (the trust bundle) peers' certificates must chain to.",
+    )
+    ca: str | None = Field(
+        default=None,
+        description="Development only: a meshpy CA directory (root or intermediate) the sidecar"
+        " issues its own certificate from, instead of cert, key and bundle.",
+    )
+    service: Annotated[str, AfterValidator(_ca_name("service"))] | None = Field(
+        default=None, description="With ca: the service named in the issued SPIFFE ID."
+    )
+    namespace: Annotated[str, AfterValidator(_ca_name("namespace"))] | None = Field(
+        default=None, description="With ca: the namespace named in the issued SPIFFE ID."
+    )
+    ttl: Annotated[
+        float,
+        BeforeValidator(_ttl),
+        WithJsonSchema({"type": ["string", "number"], "examples": ["1h", "24h"]}),
+    ] = Field(default=24 * 3600.0, description="With ca: the lifetime of each issued certificate.")
+    renew_at: Annotated[
+        float,
+        BeforeValidator(_fraction),
+        WithJsonSchema({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}),
+    ] = Field(
+        default=2 / 3,
+        description="With ca: the fraction of a certificate's lifetime after which it is"
+        " replaced by a new one.",
     )
     min_tls: MinTls = Field(
         default="1.3", description='Oldest TLS version accepted and offered: "1.3" or "1.2".'
     )
 
     _absolute = field_validator("cert", "key", "bundle")(_config_relative)
+    _ca_loads = field_validator("ca")(_ca_dir)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_source(cls, data: Any) -> Any:
+        if not isinstance(data, Mapping):
+            return data
+        files = [name for name in _IDENTITY_FILES if name in data]
+        issue = [name for name in _IDENTITY_ISSUE if name in data]
+        if files and issue:
+            raise ValueError(f"{_IDENTITY_EITHER}, not both (found {', '.join(files + issue)})")
+        wanted = _IDENTITY_ISSUE if issue else _IDENTITY_FILES
+        missing = [name for name in wanted if name not in data]
+        if missing:
+            raise ValueError(f"{_IDENTITY_EITHER} (missing {', '.join(missing)})")
+        if not issue:
+            extra = [name for name in ("ttl", "renew_at") if name in data]
+            if extra:
+                raise ValueError(
+                    f"{' and '.join(extra)} {'apply' if len(extra) > 1 else 'applies'} only to"
+                    " a self-issued identity (with ca)"
+                )
+        return data
+
+    @property
+    def self_issued(self) -> bool:
+        """Whether the sidecar issues this identity itself from the `ca` directory."""
+        return self.ca is not None
 
 
 class Limits(_Model):
@@ -844,14 +941,7 @@ class SidecarConfig(_Model):
         return json.dumps(
             {
                 "admin": None if self.admin is None else {"listen": self.admin.listen},
-                "identity": None
-                if self.identity is None
-                else {
-                    "cert": self.identity.cert,
-                    "key": self.identity.key,
-                    "bundle": self.identity.bundle,
-                    "min_tls": self.identity.min_tls,
-                },
+                "identity": None if self.identity is None else _core_identity(self.identity),
                 "listeners": [
                     _core_listener(listener, i, filters)
                     for i, listener in enumerate(self.listeners)
@@ -872,6 +962,18 @@ class SidecarConfig(_Model):
                 ],
             }
         )
+
+
+def _core_identity(identity: Identity) -> dict[str, Any]:
+    if identity.cert is None or identity.key is None or identity.bundle is None:
+        # The Sidecar issues the certificate and fills in its files before handing it over.
+        raise ValueError("identity: a self-issued identity has no certificate files yet")
+    return {
+        "cert": identity.cert,
+        "key": identity.key,
+        "bundle": identity.bundle,
+        "min_tls": identity.min_tls,
+    }
 
 
 def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") -> dict[str, Any]:

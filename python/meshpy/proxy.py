@@ -1,21 +1,36 @@
 """Run the Rust data plane from a config file: start, hot reload, graceful shutdown."""
 
 import contextlib
+import datetime as dt
 import hashlib
 import importlib
 import importlib.util
 import logging
+import math
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType, TracebackType
 
+from cryptography import x509
+
 from . import _core
-from .config import SidecarConfig, _read_file, loads_config
+from .ca import (
+    BUNDLE_FILE,
+    CERT_FILE,
+    KEY_FILE,
+    CAError,
+    CertificateAuthority,
+    IssuedCertificate,
+    write_pem_files,
+)
+from .config import Identity, SidecarConfig, _read_file, loads_config
 from .errors import ConfigError, ListenError, MeshpyError
 from .filters import FilterSet, build_filter_set
 from .runtime import FilterRuntime
@@ -26,6 +41,8 @@ log = logging.getLogger("meshpy.proxy")
 
 _POLL_INTERVAL = 0.5  # seconds between looks at the config file
 _TICK = 0.05  # the main loop's sleep, short so signals are acted on promptly
+_RETRY_FIRST = 0.5  # seconds before retrying a failed self-issue, doubled per failure
+_RETRY_MAX = 30.0
 
 
 @contextlib.contextmanager
@@ -63,6 +80,10 @@ def _reimport(name: str, source: str) -> None:
     importlib.import_module(name)
 
 
+def _when(moment: dt.datetime) -> str:
+    return moment.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _format_exception(exc: BaseException) -> str:
     return "".join(traceback.format_exception(exc)).rstrip()
 
@@ -76,9 +97,23 @@ class Sidecar:
 
     def __init__(self, path: str | os.PathLike[str], workers: int | None = None) -> None:
         self.path = Path(path)
+        # A self-issued identity: its private directory, its key, the certificate, its renewal.
+        self._identity_dir: Path | None = None
+        self._issue_key: tuple[object, ...] | None = None
+        self._issued: IssuedCertificate | None = None
+        self._issued_dir: Path | None = None  # where self._issued's files are
+        self._generation = 0
+        self._renew_due = math.inf  # time.time() at which to renew
+        self._retry_delay = _RETRY_FIRST
+        # File mode: the certificate file last looked at, when to warn about it, and whether done.
+        self._expiry_watch: tuple[object, float | None, bool] = (None, None, False)
         data = _read_file(self.path)
-        self._config = self._parse(data)
-        self._filters = self._build_filters(self._config)
+        try:
+            self._config = self._parse(data)
+            self._filters = self._build_filters(self._config)
+        except BaseException:
+            self._remove_identity_dir()
+            raise
         self._seen = _digest(data)  # the content last applied or rejected
         self._stat = _stat_key(self.path)
         self._module_stats = self._filter_module_stats()
@@ -95,6 +130,7 @@ class Sidecar:
                 )
         except BaseException:
             self._runtime.stop()
+            self._remove_identity_dir()
             raise
 
     @property
@@ -131,6 +167,7 @@ class Sidecar:
                 self._proxy.shutdown(drain_timeout)
         # In-flight requests may need their filters until the drain is over.
         self._runtime.stop()
+        self._remove_identity_dir()
 
     def run(self, drain_timeout: float) -> int:
         """Serve until SIGTERM or SIGINT, reloading on SIGHUP and when the file changes.
@@ -151,6 +188,8 @@ class Sidecar:
                 if "reload" in pending:
                     pending.discard("reload")
                     self.reload()
+                if time.time() >= self._renew_due:
+                    self.renew_identity()
                 if time.monotonic() >= next_poll:
                     next_poll = time.monotonic() + _POLL_INTERVAL
                     self._poll()
@@ -177,7 +216,108 @@ class Sidecar:
         self.shutdown()
 
     def _parse(self, data: bytes) -> SidecarConfig:
-        return loads_config(data, base_dir=self.path.parent, source=str(self.path))
+        config = loads_config(data, base_dir=self.path.parent, source=str(self.path))
+        identity = config.identity
+        if identity is not None and identity.self_issued:
+            self._use_self_issued(identity)
+        return config
+
+    # -- self-issued identity (development): issue from a CA directory, renew before expiry
+
+    def _issue(self, identity: Identity) -> tuple[IssuedCertificate, Path]:
+        """Issue a certificate from identity.ca into a new directory; raises CAError."""
+        assert identity.ca and identity.service and identity.namespace
+        if self._identity_dir is None:
+            self._identity_dir = Path(tempfile.mkdtemp(prefix="meshpy-identity-"))  # 0700
+        ca = CertificateAuthority.load(identity.ca)
+        issued = ca.issue(identity.service, identity.namespace, identity.ttl)
+        self._generation += 1
+        out = self._identity_dir / str(self._generation)
+        write_pem_files(out, issued)
+        return issued, out
+
+    def _use_self_issued(self, identity: Identity) -> None:
+        """Point `identity` at files of a certificate issued for it; raises ConfigError."""
+        key = (identity.ca, identity.service, identity.namespace, identity.ttl)
+        if key != self._issue_key or self._issued is None:
+            try:
+                issued, out = self._issue(identity)
+            except (CAError, OSError) as exc:
+                raise ConfigError([f"identity.ca: cannot issue: {exc}"], str(self.path)) from None
+            self._issue_key, self._issued, self._issued_dir = key, issued, out
+            self._schedule_renewal(identity)
+            log.info(
+                "identity %s issued from %s, valid until %s",
+                issued.spiffe_id,
+                identity.ca,
+                _when(issued.not_after),
+            )
+        else:
+            self._schedule_renewal(identity)  # renew_at may have changed
+        out = self._issued_dir
+        assert out is not None
+        identity.cert = str(out / CERT_FILE)
+        identity.key = str(out / KEY_FILE)
+        identity.bundle = str(out / BUNDLE_FILE)
+
+    def _schedule_renewal(self, identity: Identity) -> None:
+        assert self._issued is not None
+        self._renew_due = self._issued.renew_at(identity.renew_at).timestamp()
+        self._retry_delay = _RETRY_FIRST
+
+    def renew_identity(self) -> bool:
+        """Issue a new self-issued certificate now and switch new handshakes to it.
+
+        Open connections stay. On failure the current certificate keeps serving and the
+        renewal is retried with backoff. `run()` calls this when a renewal is due.
+        """
+        identity = self._config.identity
+        if identity is None or not identity.self_issued or self._issued is None:
+            self._renew_due = math.inf
+            return False
+        previous = (identity.cert, identity.key, identity.bundle)
+        try:
+            issued, out = self._issue(identity)
+        except (CAError, OSError) as exc:
+            return self._renewal_failed(str(exc))
+        identity.cert = str(out / CERT_FILE)
+        identity.key = str(out / KEY_FILE)
+        identity.bundle = str(out / BUNDLE_FILE)
+        if not self._swap(self._config, self._filters, "renewed identity refused"):
+            identity.cert, identity.key, identity.bundle = previous
+            shutil.rmtree(out, ignore_errors=True)
+            return self._renewal_failed("the core refused the new certificate")
+        self._identity_stats = self._identity_file_stats(self._config)
+        if previous[0] is not None:
+            shutil.rmtree(Path(previous[0]).parent, ignore_errors=True)
+        self._issued, self._issued_dir = issued, out
+        self._schedule_renewal(identity)
+        log.info(
+            "identity %s renewed, valid until %s, version %d",
+            issued.spiffe_id,
+            _when(issued.not_after),
+            self.version,
+        )
+        return True
+
+    def _renewal_failed(self, reason: str) -> bool:
+        assert self._issued is not None
+        delay = self._retry_delay
+        self._retry_delay = min(self._retry_delay * 2, _RETRY_MAX)
+        self._renew_due = time.time() + delay
+        log.error(
+            "identity renewal failed, retrying in %gs; the current certificate keeps serving"
+            " until %s: %s",
+            delay,
+            _when(self._issued.not_after),
+            reason,
+        )
+        return False
+
+    def _remove_identity_dir(self) -> None:
+        if self._identity_dir is not None:
+            shutil.rmtree(self._identity_dir, ignore_errors=True)
+            self._identity_dir = None
 
     def _build_filters(self, config: SidecarConfig) -> FilterSet:
         try:
@@ -260,6 +400,32 @@ class Sidecar:
             self.reload_filters(changed)
         if self._identity_file_stats(self._config) != self._identity_stats:
             self.reload_identity()
+        self._warn_if_near_expiry()
+
+    def _warn_if_near_expiry(self) -> None:
+        """File mode: warn once per file when its certificate is past two thirds of its life."""
+        identity = self._config.identity
+        if identity is None or identity.self_issued or identity.cert is None:
+            return
+        key = (identity.cert, self._identity_stats.get(identity.cert))
+        seen, warn_at, warned = self._expiry_watch
+        if key != seen:
+            warn_at, warned = None, False
+            with contextlib.suppress(OSError, ValueError):
+                cert = x509.load_pem_x509_certificate(Path(identity.cert).read_bytes())
+                start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+                warn_at = (start + (end - start) * 2 / 3).timestamp()
+            self._expiry_watch = (key, warn_at, warned)
+        if warned or warn_at is None or time.time() < warn_at:
+            return
+        self._expiry_watch = (key, warn_at, True)
+        with contextlib.suppress(OSError, ValueError):
+            cert = x509.load_pem_x509_certificate(Path(identity.cert).read_bytes())
+            log.warning(
+                "identity certificate %s expires at %s and has not been replaced yet",
+                identity.cert,
+                _when(cert.not_valid_after_utc),
+            )
 
     def reload_filters(self, modules: list[str]) -> bool:
         """Re-import the filter `modules` and swap new instances in; on any error keep the old."""
