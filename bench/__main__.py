@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import filters, load, peers, report
+from bench import filters, load, mesh, peers, report
 from bench.harness import describe_meshpy, measure, raise_interrupt, start_service, workspace
 from bench.report import SystemRuns
 
@@ -27,8 +27,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Throughput (wrk, saturation) and optionally latency at a fixed rate "
         "(h2load) of meshpy, nginx and HAProxy, each forwarding to the same nginx upstream, "
         "against sending load to that upstream directly.",
-        epilog="Other scenario: `python -m bench filters` measures meshpy routes with Python "
-        "filters against mitmproxy (see `python -m bench filters --help`).",
+        epilog="Other scenarios: `python -m bench filters` measures meshpy routes with Python "
+        "filters against mitmproxy (see `python -m bench filters --help`); `python -m bench "
+        "mesh` measures one and two sidecars, plaintext and mTLS between them, and new mTLS "
+        "handshakes per second (see `python -m bench mesh --help`).",
     )
     parser.add_argument(
         "--systems",
@@ -233,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["filters"]:
         return filters.main(argv[1:])
+    if argv[:1] == ["mesh"]:
+        return mesh.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
     signal.signal(signal.SIGTERM, raise_interrupt)

@@ -1,0 +1,791 @@
+"""``python -m bench mesh``: the mesh path, plaintext and mTLS between two sidecars.
+
+Four systems forward to the same nginx upstream, measured in interleaved rounds like
+``python -m bench``: ``direct`` (no proxy), ``one-hop`` (one meshpy), ``two-hop-plain``
+(sidecar A -> sidecar B, plaintext between them) and ``two-hop-mtls`` (the same with
+``tls: mesh`` on A's cluster and ``mtls: strict`` on B's listener). Every meshpy process
+runs ``--workers 1``. Each round also counts new mTLS handshakes per second against one
+sidecar (B of the mTLS pair) with ``openssl s_time -new``, presenting A's certificate.
+Certificates are issued per run with ``meshpy.ca`` from the meshpy under test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import re
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import load, peers, report
+from bench.harness import (
+    describe_meshpy,
+    measure_fixed_rate,
+    measure_saturation,
+    raise_interrupt,
+    start_service,
+    workspace,
+)
+from bench.report import SystemRuns
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
+BUSY_WARNING_PCT = 20.0
+
+DIRECT, ONE_HOP, TWO_PLAIN, TWO_MTLS = "direct", "one-hop", "two-hop-plain", "two-hop-mtls"
+SYSTEMS = (DIRECT, ONE_HOP, TWO_PLAIN, TWO_MTLS)
+TRUST_DOMAIN = "example.org"
+NAMESPACE = "bench"
+TARGET = 0.80  # two-hop-mtls keeps at least this share of two-hop-plain's req/s
+
+
+def spiffe_id(service: str) -> str:
+    return f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{service}"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench mesh",
+        description="Throughput (wrk, saturation) and latency at a fixed rate (h2load) of "
+        "no proxy, one meshpy, two meshpy sidecars in plaintext and two sidecars with mTLS "
+        "between them, all forwarding to one nginx upstream; and new mTLS handshakes per "
+        "second against one sidecar (openssl s_time -new).",
+    )
+    parser.add_argument(
+        "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="--workers of every meshpy process (default 1)"
+    )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--duration", type=float, default=8.0, help="seconds per measured run (default 8)"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of unmeasured load before each run (default 2)",
+    )
+    parser.add_argument(
+        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
+    )
+    parser.add_argument(
+        "--load-threads", type=int, default=1, help="wrk/h2load threads (default 1)"
+    )
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=1000.0,
+        help="fixed total req/s for the latency runs with h2load (default 1000; 0 skips them)",
+    )
+    parser.add_argument(
+        "--rate-connections",
+        type=int,
+        default=10,
+        help="h2load connections for --rate (default 10)",
+    )
+    parser.add_argument(
+        "--handshake-seconds",
+        type=int,
+        default=5,
+        help="seconds of openssl s_time -new per round (default 5; 0 skips the handshakes)",
+    )
+    parser.add_argument(
+        "--handshake-clients",
+        type=int,
+        default=2,
+        help="parallel openssl s_time processes (default 2: one per core)",
+    )
+    parser.add_argument(
+        "--pin-upstream",
+        metavar="CPUS",
+        help="taskset CPU list for the upstream nginx (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-proxy",
+        metavar="CPUS",
+        help="taskset CPU list for every meshpy process (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-load",
+        metavar="CPUS",
+        help="taskset CPU list for wrk/h2load/openssl (default: not pinned)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        help="where mesh-<timestamp>.json goes (default bench/out)",
+    )
+    parser.add_argument(
+        "--no-install", action="store_true", help="only say what to install if a tool is missing"
+    )
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
+    )
+    args = parser.parse_args(argv)
+    for name in (
+        "threads",
+        "rounds",
+        "connections",
+        "load_threads",
+        "rate_connections",
+        "handshake_clients",
+    ):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.duration <= 0 or args.warmup < 0 or args.rate < 0 or args.handshake_seconds < 0:
+        parser.error(
+            "--duration must be positive; --warmup, --rate, --handshake-seconds not negative"
+        )
+    if args.systems:
+        names = [name.strip() for name in args.systems.split(",") if name.strip()]
+        unknown = [name for name in names if name not in SYSTEMS]
+        if unknown:
+            parser.error(f"unknown systems: {', '.join(unknown)} (choose from {SYSTEMS})")
+        args.names = [name for name in SYSTEMS if name in names]
+    else:
+        args.names = list(SYSTEMS)
+    return args
+
+
+# --------------------------------------------------------------------------- certificates
+
+
+@dataclass
+class Creds:
+    cert: Path
+    key: Path
+    bundle: Path
+
+
+def issue_certificates(directory: Path) -> dict[str, Creds]:
+    """A root CA for the run and one workload certificate for sidecars ``a`` and ``b``.
+
+    Imported here, so it is the ``meshpy.ca`` of the meshpy under test.
+    """
+    from meshpy.ca import CertificateAuthority, write_pem_files
+
+    ca = CertificateAuthority.create_root(TRUST_DOMAIN)
+    creds = {}
+    for service in ("a", "b"):
+        paths = write_pem_files(directory / service, ca.issue(service, NAMESPACE, "2h"))
+        creds[service] = Creds(paths["cert.pem"], paths["key.pem"], paths["bundle.pem"])
+    return creds
+
+
+# --------------------------------------------------------------------------- sidecars
+
+
+def sidecar(
+    name: str,
+    workdir: Path,
+    target_port: int,
+    threads: int,
+    cpus: str | None,
+    identity: Creds | None = None,
+    inbound_mtls: bool = False,
+    outbound_mtls: bool = False,
+) -> peers.Service:
+    """One ``meshpy proxy`` with one http listener routing ``/`` to one endpoint.
+
+    ``inbound_mtls``: the listener is ``mtls: strict``; ``outbound_mtls``: the cluster is
+    ``tls: mesh`` and expects sidecar b's identity. Both need ``identity``.
+    """
+    workdir.mkdir(parents=True)
+    port, admin = peers.free_port(), peers.free_port()
+    lines = [f"admin: {{listen: {peers.HOST}:{admin}}}"]
+    if identity is not None:
+        lines += [
+            "identity:",
+            f"  cert: {identity.cert}",
+            f"  key: {identity.key}",
+            f"  bundle: {identity.bundle}",
+        ]
+    lines += [
+        "listeners:",
+        "  - name: bench",
+        f"    listen: {peers.HOST}:{port}",
+        "    protocol: http",
+        *(["    mtls: strict"] if inbound_mtls else []),
+        "    routes:",
+        "      - match: {path_prefix: /}",
+        "        cluster: next",
+        "clusters:",
+        "  - name: next",
+        f"    endpoints: [{peers.HOST}:{target_port}]",
+        "    lb: round_robin",
+        *(["    tls: mesh", f"    server_identity: {spiffe_id('b')}"] if outbound_mtls else []),
+    ]
+    config = workdir / "sidecar.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    argv = [
+        *peers.pin_prefix(cpus),
+        *peers.meshpy_command(),
+        "proxy",
+        "-c",
+        str(config),
+        "--workers",
+        str(threads),
+    ]
+    return peers.Service(name, port, argv, workdir, ready_text="meshpy proxy ready:")
+
+
+@dataclass
+class Sidecars:
+    """The meshpy processes of one system, charged together for CPU time."""
+
+    name: str
+    members: list[peers.Service]
+
+    def cpu_seconds(self) -> float:
+        return sum(member.cpu_seconds() for member in self.members)
+
+
+@dataclass
+class MeshSystem(peers.System):
+    members: tuple[peers.Service, ...] = ()
+
+    def exited(self) -> str | None:
+        for member in self.members:
+            code = member.proc.poll() if member.proc else None
+            if code is not None:
+                return f"{member.name} had exited with code {code}"
+        return None
+
+
+def build_systems(
+    args: argparse.Namespace, root: Path, upstream: peers.Service, creds: dict[str, Creds]
+) -> dict[str, tuple[MeshSystem, list[peers.Service]]]:
+    """Each system with its services, in start order (B before A); nothing started yet."""
+    t, cpus, up = args.threads, args.pin_proxy, upstream.port
+    out: dict[str, tuple[MeshSystem, list[peers.Service]]] = {}
+    for name in args.names:
+        if name == DIRECT:
+            out[name] = (MeshSystem(name, up, upstream), [])
+        elif name == ONE_HOP:
+            one = sidecar(ONE_HOP, root / ONE_HOP, up, t, cpus)
+            out[name] = (MeshSystem(name, one.port, one, one, (one,)), [one])
+        else:
+            mtls = name == TWO_MTLS
+            b = sidecar(
+                f"{name}-b",
+                root / f"{name}-b",
+                up,
+                t,
+                cpus,
+                identity=creds["b"] if mtls else None,
+                inbound_mtls=mtls,
+            )
+            a = sidecar(
+                f"{name}-a",
+                root / f"{name}-a",
+                b.port,
+                t,
+                cpus,
+                identity=creds["a"] if mtls else None,
+                outbound_mtls=mtls,
+            )
+            group = Sidecars(f"{name}(a+b)", [a, b])
+            system = MeshSystem(name, a.port, group, a, (a, b))  # type: ignore[arg-type]
+            out[name] = (system, [b, a])
+    return out
+
+
+# --------------------------------------------------------------------------- handshakes
+
+
+S_TIME_COUNT = re.compile(r"(\d+) connections in [\d.]+s;")
+
+
+def s_time_command(port: int, creds: Creds, seconds: int, pin: list[str]) -> list[str]:
+    return [
+        *pin,
+        "openssl",
+        "s_time",
+        "-connect",
+        f"{peers.HOST}:{port}",
+        "-new",
+        "-time",
+        str(seconds),
+        "-cert",
+        str(creds.cert),
+        "-key",
+        str(creds.key),
+        "-CAfile",
+        str(creds.bundle),
+    ]
+
+
+def measure_handshakes(
+    args: argparse.Namespace, b: peers.Service, creds: Creds, load_pin: list[str], label: str
+) -> dict[str, Any] | None:
+    """``--handshake-clients`` parallel ``openssl s_time -new`` for ``--handshake-seconds``:
+    each connection is a full TLS 1.3 handshake with a client certificate, then a close.
+    Returns handshakes/s (over the wall time of the slowest client) and B's CPU per one."""
+    command = s_time_command(b.port, creds, args.handshake_seconds, load_pin)
+    start, cpu_start, wall_start = load.CpuSample.now(), b.cpu_seconds(), time.monotonic()
+    procs = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(args.handshake_clients)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=args.handshake_seconds + 60)
+            outputs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wall = time.monotonic() - wall_start
+    cpu_used = b.cpu_seconds() - cpu_start
+    cpu = load.CpuSample.now().usage_since(start)
+    total = 0
+    for code, out, err in outputs:
+        # s_time prints its count for the -new pass first ("N connections in T s; ...").
+        match = S_TIME_COUNT.search(out)
+        if code != 0 or match is None:
+            print(f"{label} handshakes failed: exit {code}\n{out}{err}", file=sys.stderr)
+            return None
+        total += int(match.group(1))
+    result = {
+        "tool": "openssl s_time -new",
+        "command": command,
+        "clients": args.handshake_clients,
+        "handshakes": total,
+        "wall_s": round(wall, 3),
+        "handshakes_per_s": round(total / wall, 1),
+        "b_cpu_us_per_handshake": round(cpu_used * 1e6 / total, 1) if total else None,
+        "cpu": cpu,
+    }
+    print(
+        f"{label} handshakes {result['handshakes_per_s']:>10,.0f} /s  ({total} in "
+        f"{wall:.1f} s, {args.handshake_clients} clients)  b cpu "
+        f"{result['b_cpu_us_per_handshake']} µs/handshake  cpu busy {cpu['busy_pct']}% "
+        f"steal {cpu['steal_pct']}%",
+        flush=True,
+    )
+    return result
+
+
+# --------------------------------------------------------------------------- run
+
+
+def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    load_pin = peers.pin_prefix(args.pin_load)
+    script = load.write_wrk_script(root)
+    size = len(peers.SMALL_BODY)
+    saturation = {name: SystemRuns(name) for name in args.names}
+    fixed_rate = {name: SystemRuns(name) for name in args.names}
+    handshakes: list[dict[str, Any]] = []
+    handshake_failures: list[str] = []
+    logs: dict[str, str] = {}
+    creds = issue_certificates(root / "pki")
+
+    with contextlib.ExitStack() as stack:
+        upstream = peers.upstream_nginx(root / "upstream", args.pin_upstream)
+        start_service(stack, upstream, "/", size)
+        print(f"upstream nginx on port {upstream.port}", flush=True)
+        built = build_systems(args, root, upstream, creds)
+        systems: list[MeshSystem] = []
+        services: list[peers.Service] = []
+        for name, (system, to_start) in built.items():
+            try:
+                for service in to_start:
+                    services.append(service)
+                    stack.callback(service.stop)
+                    service.start()
+                # One GET end to end (B of the mTLS pair takes no plaintext; through A, it
+                # also shows that the mTLS hop works).
+                peers.check_response(system.port, "/", size)
+            except peers.PeerError as exc:
+                message = str(exc).splitlines()[0]
+                print(f"{name}: did not start: {exc}", file=sys.stderr)
+                saturation[name].failures.append(message)
+                fixed_rate[name].failures.append(message)
+                continue
+            ports = " -> ".join(str(s.port) for s in reversed(to_start)) or "-"
+            print(f"{name}: client -> {ports} -> upstream {upstream.port}", flush=True)
+            systems.append(system)
+        mtls_b = next((s.members[1] for s in systems if s.name == TWO_MTLS), None)
+
+        width = max(len(name) for name in SYSTEMS)
+        for round_index in range(args.rounds):
+            shift = round_index % max(len(systems), 1)
+            order = systems[shift:] + systems[:shift]  # rotate the order every round
+            for system in order:
+                label = f"round {round_index + 1}/{args.rounds} {system.name:<{width}}"
+                reason = system.exited()
+                if reason:
+                    for runs in (saturation[system.name], fixed_rate[system.name]):
+                        runs.failures.append(f"round {round_index + 1}: {reason}")
+                    print(f"{label} skipped: {reason}", flush=True)
+                    continue
+                url = system.url("/")
+                measure_saturation(
+                    args,
+                    system,
+                    url,
+                    round_index,
+                    script,
+                    load_pin,
+                    saturation[system.name],
+                    (),
+                    label,
+                )
+                if args.rate:
+                    measure_fixed_rate(
+                        args,
+                        system,
+                        url,
+                        round_index,
+                        args.rate,
+                        load_pin,
+                        root,
+                        fixed_rate[system.name],
+                        (),
+                        label,
+                    )
+            if args.handshake_seconds and mtls_b is not None:
+                label = f"round {round_index + 1}/{args.rounds} {'b (mTLS)':<{width}}"
+                if mtls_b.proc is None or mtls_b.proc.poll() is not None:
+                    handshake_failures.append(f"round {round_index + 1}: b had exited")
+                    continue
+                result = measure_handshakes(args, mtls_b, creds["a"], load_pin, label)
+                if result is None:
+                    handshake_failures.append(f"round {round_index + 1}: s_time failed")
+                else:
+                    handshakes.append(result)
+        for service in services:
+            logs[service.name] = service.log_tail()
+
+    return {
+        "saturation": [saturation[name] for name in args.names],
+        "fixed_rate": [fixed_rate[name] for name in args.names] if args.rate else [],
+        "handshakes": handshakes,
+        "handshake_failures": handshake_failures,
+        "logs": logs,
+    }
+
+
+# --------------------------------------------------------------------------- summaries
+
+# (numerator, denominator, what it says)
+RATIOS = (
+    (TWO_MTLS, TWO_PLAIN, "mTLS between the sidecars vs plaintext"),
+    (TWO_PLAIN, ONE_HOP, "a second sidecar"),
+    (ONE_HOP, DIRECT, "one sidecar vs no proxy"),
+)
+
+
+def summarize_saturation(runs: list[SystemRuns]) -> list[dict[str, Any]]:
+    direct = next((r for r in runs if r.name == DIRECT), None)
+    baseline = direct.median("rps") if direct else None
+    summaries = []
+    for r in runs:
+        s = r.summary(baseline, None)
+        s.pop("cpu_vs_nginx", None)
+        summaries.append(s)
+    return summaries
+
+
+def summarize_fixed_rate(runs: list[SystemRuns]) -> list[dict[str, Any]]:
+    summaries = {r.name: r.summary(None, None) for r in runs}
+    base = summaries.get(TWO_PLAIN, {}).get("latency_us_median")
+    for s in summaries.values():
+        s.pop("ratio_to_direct", None)
+        lat = s.get("latency_us_median")
+        s["latency_us_over_two_hop_plain"] = (
+            {key: round(lat[key] - base[key], 1) for key in ("p50", "p90", "p99", "p99.9")}
+            if lat and base
+            else None
+        )
+    return [summaries[r.name] for r in runs]
+
+
+def ratios(saturation: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    by_name = {s["system"]: s for s in saturation}
+    out = []
+    for top, bottom, meaning in RATIOS:
+        a = by_name.get(top, {}).get("rps_median")
+        b = by_name.get(bottom, {}).get("rps_median")
+        value = round(a / b, 3) if a and b else None
+        entry: dict[str, Any] = {"ratio": f"{top} / {bottom}", "meaning": meaning, "value": value}
+        if top == TWO_MTLS:
+            entry["target"] = TARGET
+            entry["met"] = None if value is None else value >= TARGET
+        out.append(entry)
+    return out
+
+
+def summarize_handshakes(results: list[dict[str, Any]], failures: list[str]) -> dict[str, Any]:
+    if not results:
+        return {"rounds_ok": 0, "failures": failures}
+    rates = [r["handshakes_per_s"] for r in results]
+    cpus = [r["b_cpu_us_per_handshake"] for r in results if r["b_cpu_us_per_handshake"]]
+    return {
+        "rounds_ok": len(results),
+        "handshakes_per_s_median": round(statistics.median(rates), 1),
+        "handshakes_per_s_min": min(rates),
+        "handshakes_per_s_max": max(rates),
+        "b_cpu_us_per_handshake_median": round(statistics.median(cpus), 1) if cpus else None,
+        "failures": failures,
+    }
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:.3f}"
+
+
+def _signed_ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:+.3f}"
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def saturation_table(summaries: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'system':<13} {'req/s median':>12} {'spread (min-max)':>19} {'vs direct':>9} "
+        f"{'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'cpu µs/req':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        if not s["rounds_ok"]:
+            lines.append(f"{s['system']:<13} failed: {'; '.join(s['failures'])[:80]}")
+            continue
+        spread = f"{_rate(s['rps_min'])}-{_rate(s['rps_max'])}"
+        lat = s["latency_us_median"]
+        cpu = _num(s["cpu_us_per_req_median"], ".1f")
+        if s["system"] == DIRECT and cpu != "-":
+            cpu += "*"
+        lines.append(
+            f"{s['system']:<13} {_rate(s['rps_median']):>12} {spread:>19} "
+            f"{_num(s['ratio_to_direct'], '.2f'):>9} {_ms(lat['p50']):>8} {_ms(lat['p99']):>8} "
+            f"{s['errors']:>7} {cpu:>10}"
+        )
+    lines.append(
+        "cpu µs/req: meshpy processes only (both sidecars summed for two-hop); "
+        "* direct: the upstream nginx's"
+    )
+    return "\n".join(lines)
+
+
+def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'system':<13} {'req/s done':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'p99.9 ms':>9} {'max ms':>8} {'>gap':>6} {'errors':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        if not s["rounds_ok"]:
+            lines.append(f"{s['system']:<13} failed: {'; '.join(s['failures'])[:80]}")
+            continue
+        lat, added = s["latency_us_median"], s["latency_us_over_two_hop_plain"] or {}
+        lines.append(
+            f"{s['system']:<13} {_rate(s['rps_median']):>10} {_ms(lat['p50']):>8} "
+            f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(lat['p99.9']):>9} "
+            f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7} "
+            f"{_signed_ms(added.get('p50')):>8} {_signed_ms(added.get('p99')):>8}"
+        )
+    return "\n".join(lines)
+
+
+def handshake_lines(summary: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    if not summary["rounds_ok"]:
+        return [f"handshakes: failed: {'; '.join(summary['failures'])[:120]}"]
+    return [
+        f"New mTLS handshakes against sidecar b (mtls: strict, --workers {args.threads}); "
+        f"openssl s_time -new -cert/-key (a's) x {args.handshake_clients} clients, "
+        f"{args.handshake_seconds} s per round, medians over {summary['rounds_ok']} round(s):",
+        f"  handshakes/s {summary['handshakes_per_s_median']:,.0f} "
+        f"(spread {summary['handshakes_per_s_min']:,.0f}-{summary['handshakes_per_s_max']:,.0f}); "
+        f"b cpu {_num(summary['b_cpu_us_per_handshake_median'], '.1f')} µs per handshake",
+    ]
+
+
+def ratio_lines(checks: list[dict[str, Any]]) -> list[str]:
+    lines = []
+    for c in checks:
+        value = "not measured" if c["value"] is None else f"{c['value']:.3f}"
+        line = f"{c['ratio']}: {value} ({c['meaning']})"
+        if "target" in c:
+            verdict = "not measured" if c["met"] is None else ("met" if c["met"] else "NOT met")
+            line += f"; target >= {c['target']:.2f}: {verdict}"
+        lines.append(line)
+    return lines
+
+
+# --------------------------------------------------------------------------- main
+
+
+def header(
+    args: argparse.Namespace,
+    command_line: str,
+    machine: dict[str, Any],
+    meshpy: dict[str, object] | None,
+    revision: str | None,
+) -> list[str]:
+    cpu = machine["cpu_before_start"]
+    loadavg = " ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
+    lines = [
+        f"command: {command_line}",
+        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, {machine['kernel']}, "
+        f"loadavg {loadavg}, CPU busy before start {cpu['busy_pct']}%",
+        f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}; "
+        f"Python {machine['python']}",
+        f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
+        f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
+        f"(+{args.warmup:g}s warm-up); h2load at {args.rate:g} req/s over "
+        f"{args.rate_connections} connections; openssl s_time -new x {args.handshake_clients} "
+        f"for {args.handshake_seconds} s; meshpy workers {args.threads} per process; rounds "
+        f"{args.rounds}; CPU pinning upstream={args.pin_upstream or 'none'} "
+        f"proxy={args.pin_proxy or 'none'} load={args.pin_load or 'none'}",
+    ]
+    if meshpy is not None and meshpy["debug_info"]:
+        lines.append(
+            "warning: meshpy's extension carries debug info, so it is most likely a debug "
+            "build; its numbers say little about a release build"
+        )
+    if cpu["busy_pct"] + cpu["steal_pct"] > BUSY_WARNING_PCT:
+        lines.append(
+            f"warning: the machine was already {cpu['busy_pct']}% busy "
+            f"({cpu['steal_pct']}% stolen) before the benchmark started; "
+            "its numbers will be low and noisy"
+        )
+    return lines
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    command_line = shlex.join(["python", "-m", "bench", "mesh", *argv])
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+
+    try:
+        peers.ensure_tools(install=not args.no_install)
+        if args.handshake_seconds and not shutil.which("openssl"):
+            raise peers.PeerError("openssl is not on PATH (apt-get install openssl)")
+    except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    meshpy = peers.meshpy_info()
+    if meshpy is None:
+        print(
+            "meshpy is not importable here: `import meshpy._core` fails "
+            "(install it with `pip install .` from the repository root)",
+            file=sys.stderr,
+        )
+        return 2
+
+    machine = report.machine_info()
+    revision = report.git_revision(REPO)
+    started = time.strftime("%Y%m%d-%H%M%S")
+    print("\n".join(header(args, command_line, machine, meshpy, revision)))
+    print(flush=True)
+
+    results: dict[str, Any] = {}
+    with workspace(args.keep_tmp) as root:
+        try:
+            results = run_benchmark(args, root)
+        except KeyboardInterrupt:
+            print("\ninterrupted: all child processes stopped", file=sys.stderr)
+            return 130
+        except peers.PeerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    loadavg_end = list(os.getloadavg())
+
+    meshpy_changed = peers.meshpy_info() != meshpy
+    if meshpy_changed:
+        print(
+            "warning: meshpy's extension changed on disk during the run; "
+            "its numbers may mix two builds",
+            file=sys.stderr,
+        )
+    saturation = summarize_saturation(results["saturation"])
+    fixed_rate = summarize_fixed_rate(results["fixed_rate"])
+    handshakes = summarize_handshakes(results["handshakes"], results["handshake_failures"])
+    checks = ratios(saturation)
+    print()
+    print(
+        f"Throughput at saturation (wrk keep-alive, medians over {args.rounds} round(s); "
+        "vs direct: req/s over direct's):"
+    )
+    print(saturation_table(saturation))
+    if fixed_rate:
+        print()
+        print(
+            f"Latency at a fixed {args.rate:g} req/s (h2load, {args.rate_connections} "
+            f"connections, medians over {args.rounds} round(s); +p50/+p99: over "
+            f"{TWO_PLAIN}'s; >gap counts responses slow enough to delay the next request):"
+        )
+        print(fixed_rate_table(fixed_rate))
+    if args.handshake_seconds and TWO_MTLS in args.names:
+        print()
+        print("\n".join(handshake_lines(handshakes, args)))
+    print()
+    print("\n".join(ratio_lines(checks)))
+    print(f"loadavg at the end: {' '.join(f'{x:.2f}' for x in loadavg_end)}")
+
+    document = {
+        "scenario": "mesh",
+        "command": command_line,
+        "started": started,
+        "machine": machine,
+        "loadavg_at_end": loadavg_end,
+        "tools": {**peers.tool_versions(), "openssl": openssl_version()},
+        "meshpy": meshpy,
+        "meshpy_changed_during_run": meshpy_changed,
+        "revision": revision,
+        "settings": {
+            key: (str(value) if isinstance(value, Path) else value)
+            for key, value in vars(args).items()
+        },
+        "saturation": {
+            "summary": saturation,
+            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["saturation"]},
+        },
+        "fixed_rate": {
+            "rate": args.rate,
+            "summary": fixed_rate,
+            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["fixed_rate"]},
+        },
+        "handshakes": {"summary": handshakes, "runs": results["handshakes"]},
+        "ratios": checks,
+        "proxy_logs": results["logs"],
+    }
+    out = args.out_dir / f"mesh-{started}.json"
+    report.write_json(out, document)
+    print(f"\nresults: {out}")
+    every = saturation + fixed_rate
+    failed = any(s["failures"] or s.get("errors") for s in every) or bool(handshakes["failures"])
+    return 1 if failed else 0
+
+
+def openssl_version() -> str:
+    try:
+        done = subprocess.run(["openssl", "version"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unavailable"
+    return done.stdout.strip() or "unknown"
