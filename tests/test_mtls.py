@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from helpers import client, cluster, config, connect, eventually, http_listener, read_until_close
-from servers import echo_handler
+from servers import echo_handler, wait_for
 
 from meshpy.ca import CertificateAuthority, write_pem_files
 from meshpy.errors import ConfigError
@@ -571,3 +571,44 @@ def test_short_lived_certificates_rotate_under_load(run_proxy, upstream, pki, tm
     assert der is not None
     served = x509.load_der_x509_certificate(der)
     assert served.not_valid_after_utc > dt.datetime.now(dt.UTC) + dt.timedelta(seconds=1)
+
+
+def test_access_log_lines_carry_the_callers_identity(pki, run_proxy, upstream, tmp_path):
+    import json
+
+    log = tmp_path / "access.jsonl"
+    b = run_proxy(inbound_config(pki, upstream.addr, access_log=str(log)))
+    a = run_proxy(outbound_config(pki, b.addr("inbound")))
+    with client() as c:
+        ok = c.get(a.url("outbound") + "/orders?id=7", headers={"x-request-id": "req-1"})
+        assert ok.status_code == 200
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == 1, 5, "the log line")
+    (line,) = [json.loads(text) for text in log.read_text().splitlines()]
+    assert line["identity"] == sid("a")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/orders?id=7", 200)
+    assert (line["listener"], line["route"], line["cluster"]) == ("inbound", "app", "app")
+    assert line["request_id"] == "req-1"
+    assert line["client"] == "127.0.0.1" and line["duration_ms"] > 0
+
+
+def test_access_log_of_a_plain_listener(run_proxy, upstream, tmp_path):
+    import json
+
+    log = tmp_path / "plain.jsonl"
+    route = {"name": "app", "match": {"path": "/known"}, "cluster": "app"}
+    cfg = config(
+        [http_listener([route], name="edge", access_log=str(log))],
+        [cluster("app", [upstream.addr])],
+    )
+    proxy = run_proxy(cfg)
+    with client() as c:
+        assert c.get(proxy.url() + "/known").status_code == 200
+        assert c.get(proxy.url() + "/unknown").status_code == 404
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == 2, 5, "two log lines")
+    lines = [json.loads(text) for text in log.read_text().splitlines()]
+    assert [(x["path"], x["status"], x["route"], x["identity"]) for x in lines] == [
+        ("/known", 200, "app", None),
+        ("/unknown", 404, None, None),
+    ]
+    # The generated request id is the one the upstream got.
+    assert all(len(x["request_id"]) == 36 for x in lines)

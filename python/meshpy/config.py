@@ -860,6 +860,18 @@ class Listener(_Model):
     cluster: str | None = Field(
         default=None, description="tcp only: the cluster connections are forwarded to."
     )
+    access_log: str | None = Field(
+        default=None,
+        description="http only: write a JSON line per request to `stderr` or to this file"
+        " (relative to the config file; appended to).",
+    )
+
+    @field_validator("access_log")
+    @classmethod
+    def _log_target(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "stderr":
+            return value
+        return _config_relative(value, info)
 
     @model_validator(mode="after")
     def _default_route_names(self) -> "Listener":
@@ -988,6 +1000,7 @@ def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") 
         else {"cert": listener.tls.cert, "key": listener.tls.key},
         "mtls": listener.mtls,
         "authz": None if listener.authz is None else _core_authz(listener.authz),
+        "access_log": listener.access_log,
         "limits": {
             "max_header_bytes": limits.max_header_bytes,
             "max_headers": limits.max_headers,
@@ -1119,6 +1132,8 @@ def _cross_check(config: SidecarConfig) -> list[str]:
                 errors.append(
                     f"{path}.routes: not allowed on a tcp listener; it forwards to `cluster`"
                 )
+            if listener.access_log is not None:
+                errors.append(f"{path}.access_log: not supported on a tcp listener")
             if "limits" in listener.model_fields_set:
                 errors.append(f"{path}.limits: not allowed on a tcp listener")
             if listener.tls is not None:

@@ -78,6 +78,9 @@ pub struct ListenerConfig {
     /// The listener's authorization policy; `None`: every request is allowed.
     #[serde(default)]
     pub authz: Option<AuthzConfig>,
+    /// `stderr` or a file path for JSON access log lines; `None`: no access log.
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::access_log::Entry;
 use crate::authz::Denied;
 use crate::balance::InFlight;
 use crate::body::{read_to_limit, BodyTooLarge, ReadError, RequestBody, ResponseBody};
@@ -108,7 +109,46 @@ impl Drop for OpenRequest<'_> {
     }
 }
 
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<ResponseBody>, Infallible> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut req: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    // The log is the listener's as the connection was accepted: a reload that turns it
+    // on or off applies to new connections.
+    let Some(log) = ctx.accepted.access_log.clone() else { return serve(ctx, req, None).await };
+    let started = Instant::now();
+    // Made here rather than with the other forwarded headers, so the line can carry it.
+    if !req.headers().contains_key(&X_REQUEST_ID) {
+        req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
+    }
+    let text = |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let mut entry = Entry {
+        listener: ctx.accepted.name.clone(),
+        method: req.method().to_string(),
+        authority: req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| text(req.headers().get(header::HOST)))
+            .unwrap_or_default(),
+        path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        client: ctx.peer.ip().to_string(),
+        identity: ctx.identity.as_deref().map(str::to_owned),
+        request_id: text(req.headers().get(&X_REQUEST_ID)),
+        ..Entry::default()
+    };
+    let response = serve(ctx, req, Some(&mut entry)).await?;
+    entry.status = response.status().as_u16();
+    entry.duration = started.elapsed();
+    log.write(&entry);
+    Ok(response)
+}
+
+async fn serve(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+    entry: Option<&mut Entry>,
+) -> Result<Response<ResponseBody>, Infallible> {
     let started = Instant::now();
     ctx.state.in_flight.fetch_add(1, Relaxed);
     let _open = OpenRequest(&ctx.state);
@@ -135,6 +175,10 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         return Ok(ProxyError::NoRoute(host).into_response(grpc));
     };
     route.metrics.request();
+    if let Some(entry) = entry {
+        entry.route = Some(route.name.to_string());
+        entry.cluster = Some(route.cluster.name().to_owned());
+    }
     let Some(chain) = &route.filters else {
         let response = match forward(&ctx, &listener, route, req, None).await {
             Ok(response) => response,

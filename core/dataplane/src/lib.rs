@@ -2,6 +2,7 @@
 //! TCP, configured by a JSON snapshot and reloaded atomically. Nothing here knows
 //! about Python; the binding crate wraps [`Proxy`].
 
+mod access_log;
 mod admin;
 mod authz;
 mod balance;

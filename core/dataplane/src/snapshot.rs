@@ -12,6 +12,7 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
+use crate::access_log::AccessLog;
 use crate::authz::Policy;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig, MtlsMode, Protocol};
@@ -45,6 +46,8 @@ pub struct Listener {
     pub mtls: Option<Mtls>,
     /// Checked once per request before routing; `None`: no policy, nothing to do.
     pub authz: Option<Policy>,
+    /// Where this listener's JSON access log lines go, if anywhere.
+    pub access_log: Option<Arc<AccessLog>>,
     pub max_body_bytes: Option<u64>,
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
@@ -185,6 +188,12 @@ impl Snapshot {
                     Some(Policy::compile(a, &l.name, registry, &format!("{at}.authz"))?)
                 }
             };
+            let access_log = match &l.access_log {
+                Some(target) => Some(Arc::new(
+                    AccessLog::open(target).map_err(|e| Error::Config(format!("{at}.access_log: {e}")))?,
+                )),
+                None => None,
+            };
             let listener = Listener {
                 name: l.name.clone(),
                 listen: l.listen.clone(),
@@ -192,6 +201,7 @@ impl Snapshot {
                 tls,
                 mtls,
                 authz,
+                access_log,
                 max_body_bytes: l.limits.max_body_bytes,
                 header_read_timeout: Duration::from_secs_f64(l.limits.header_read_timeout),
                 idle_timeout: Duration::from_secs_f64(l.limits.idle_timeout),
@@ -209,6 +219,7 @@ impl Snapshot {
                 tls: None,
                 mtls: None,
                 authz: None,
+                access_log: None,
                 max_body_bytes: Some(0),
                 header_read_timeout: Duration::from_secs(10),
                 idle_timeout: Duration::from_secs(60),
