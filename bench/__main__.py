@@ -5,20 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench import filters, load, mesh, peers, report
-from bench.harness import describe_meshpy, measure, raise_interrupt, start_service, workspace
+from bench import filters, harness, load, mesh, peers, report
+from bench.harness import describe_meshpy, measure, start_service
 from bench.report import SystemRuns
-
-OUT_DIR = Path(__file__).resolve().parent / "out"
-REPO = Path(__file__).resolve().parent.parent
-BUSY_WARNING_PCT = 20.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -40,22 +35,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="worker threads/processes of every proxy (default 1)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument(
-        "--duration", type=float, default=10.0, help="seconds per measured run (default 10)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=2.0,
-        help="seconds of unmeasured load before each run (default 2)",
-    )
-    parser.add_argument(
-        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
-    )
-    parser.add_argument(
-        "--load-threads", type=int, default=1, help="wrk/h2load threads (default 1)"
-    )
+    harness.add_load_arguments(parser, duration=10.0)
     parser.add_argument(
         "--path",
         choices=["/", peers.LARGE_PATH],
@@ -68,41 +48,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=0.0,
         help="also measure latency at this fixed total req/s with h2load (default 0: skip)",
     )
-    parser.add_argument(
-        "--rate-connections",
-        type=int,
-        default=10,
-        help="h2load connections for --rate (default 10)",
-    )
-    parser.add_argument(
-        "--pin-upstream",
-        metavar="CPUS",
-        help="taskset CPU list for the upstream nginx (default: not pinned)",
-    )
-    parser.add_argument(
-        "--pin-proxy",
-        metavar="CPUS",
-        help="taskset CPU list for the proxy under test (default: not pinned)",
-    )
-    parser.add_argument(
-        "--pin-load", metavar="CPUS", help="taskset CPU list for wrk/h2load (default: not pinned)"
-    )
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        default=OUT_DIR,
-        help="where results-<timestamp>.json goes (default bench/out)",
-    )
-    parser.add_argument(
-        "--no-install", action="store_true", help="only say what to install if a tool is missing"
-    )
-    parser.add_argument(
-        "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
+    harness.add_rate_connections_argument(parser)
+    harness.add_pin_arguments(parser, "the proxy under test")
+    harness.add_output_arguments(
+        parser, "results-<timestamp>.json", "only say what to install if a tool is missing"
     )
     args = parser.parse_args(argv)
-    for name in ("threads", "rounds", "connections", "load_threads", "rate_connections"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    harness.require_positive_counts(
+        parser, args, ("threads", "rounds", "connections", "load_threads", "rate_connections")
+    )
     if args.duration <= 0 or args.warmup < 0 or args.rate < 0:
         parser.error("--duration must be positive; --warmup and --rate not negative")
     return args
@@ -159,9 +113,7 @@ def run_benchmark(args: argparse.Namespace, names: list[str], root: Path) -> dic
             systems.append(system)
 
         for round_index in range(args.rounds):
-            shift = round_index % max(len(systems), 1)
-            order = systems[shift:] + systems[:shift]  # rotate the order every round
-            for system in order:
+            for system in harness.rotated(systems, round_index):
                 measure(
                     args,
                     system,
@@ -202,12 +154,8 @@ def header(
     pinning: dict[str, str],
     skipped: str,
 ) -> list[str]:
-    cpu = machine["cpu_before_start"]
-    loadavg = " ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
     lines = [
-        f"command: {command_line}",
-        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, {machine['kernel']}, "
-        f"loadavg {loadavg}, CPU busy before start {cpu['busy_pct']}%",
+        *harness.header_start(command_line, machine),
         f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}",
         f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
         f"(+{args.warmup:g}s warm-up), path {args.path}; proxy threads {args.threads}; "
@@ -216,19 +164,9 @@ def header(
     ]
     if skipped:
         lines.append(f"warning: {skipped}")
-    if meshpy is not None and meshpy["debug_info"]:
-        lines.append(
-            "warning: meshpy's extension carries debug info, so it is most likely a debug "
-            "build (e.g. from `maturin develop` without --release); its numbers say little "
-            "about a release build"
-        )
-    if cpu["busy_pct"] + cpu["steal_pct"] > BUSY_WARNING_PCT:
-        lines.append(
-            f"warning: the machine was already {cpu['busy_pct']}% busy "
-            f"({cpu['steal_pct']}% stolen) before the benchmark started; "
-            "its numbers will be low and noisy"
-        )
-    return lines
+    return lines + harness.header_warnings(
+        machine, meshpy, " (e.g. from `maturin develop` without --release)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         return mesh.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    signal.signal(signal.SIGHUP, raise_interrupt)
+    harness.handle_signals()
 
     try:
         peers.ensure_tools(install=not args.no_install)
@@ -251,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     names, skipped = choose_systems(args, meshpy)
 
     machine = report.machine_info()
-    revision = report.git_revision(REPO)
+    revision = report.git_revision(harness.REPO)
     pinning = {
         "upstream": args.pin_upstream or "none",
         "proxy": args.pin_proxy or "none",
@@ -261,27 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header(args, command_line, machine, meshpy, revision, pinning, skipped)))
     print(flush=True)
 
-    interrupted = False
-    results: dict[str, Any] = {"saturation": [], "fixed_rate": [], "logs": {}}
-    with workspace(args.keep_tmp) as root:
-        try:
-            results = run_benchmark(args, names, root)
-        except KeyboardInterrupt:
-            interrupted = True
-            print("\ninterrupted: all child processes stopped", file=sys.stderr)
-        except peers.PeerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    if interrupted:
-        return 130
+    results, code = harness.run_in_workspace(
+        args.keep_tmp, lambda root: run_benchmark(args, names, root)
+    )
+    if code is not None:
+        return code
 
-    meshpy_changed = meshpy is not None and peers.meshpy_info() != meshpy
-    if meshpy_changed:
-        print(
-            "warning: meshpy's extension changed on disk during the run; "
-            "its numbers may mix two builds",
-            file=sys.stderr,
-        )
+    meshpy_changed = harness.meshpy_changed(meshpy)
     saturation = summarize(results["saturation"])
     fixed_rate = summarize(results["fixed_rate"])
     print()
@@ -308,24 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         "meshpy_changed_during_run": meshpy_changed,
         "revision": revision,
         "skipped": skipped or None,
-        "settings": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in vars(args).items()
-        },
+        "settings": harness.settings_json(args),
         "cpu_pinning": pinning,
         "saturation": {
             "summary": saturation,
-            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["saturation"]},
+            "runs": harness.runs_json(results["saturation"]),
         },
         "fixed_rate": {
             "summary": fixed_rate,
-            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["fixed_rate"]},
+            "runs": harness.runs_json(results["fixed_rate"]),
         },
         "proxy_logs": results["logs"],
     }
-    out = args.out_dir / f"results-{started}.json"
-    report.write_json(out, document)
-    print(f"\nresults: {out}")
+    harness.write_results(args.out_dir, "results", started, document)
     failed = any(s["failures"] for s in saturation + fixed_rate)
     return 1 if failed else 0
 

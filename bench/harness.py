@@ -5,18 +5,130 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shutil
+import signal
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Any, TypeVar
 
-from bench import load, peers
+from bench import load, peers, report
 from bench.report import SystemRuns
+
+OUT_DIR = Path(__file__).resolve().parent / "out"
+REPO = Path(__file__).resolve().parent.parent
+BUSY_WARNING_PCT = 20.0
+MESHPY_MISSING = (
+    "meshpy is not importable here: `import meshpy._core` fails "
+    "(install it with `pip install .` from the repository root)"
+)
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_load_arguments(parser: argparse.ArgumentParser, duration: float) -> None:
+    """--rounds, --duration, --warmup, -c/--connections and --load-threads."""
+    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        default=duration,
+        help=f"seconds per measured run (default {duration:g})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=float,
+        default=2.0,
+        help="seconds of unmeasured load before each run (default 2)",
+    )
+    parser.add_argument(
+        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
+    )
+    parser.add_argument(
+        "--load-threads", type=int, default=1, help="wrk/h2load threads (default 1)"
+    )
+
+
+def add_rate_connections_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--rate-connections",
+        type=int,
+        default=10,
+        help="h2load connections for --rate (default 10)",
+    )
+
+
+def add_pin_arguments(
+    parser: argparse.ArgumentParser, proxy_help: str, load_help: str = "wrk/h2load"
+) -> None:
+    """--pin-upstream, --pin-proxy (for ``proxy_help``) and --pin-load (for ``load_help``)."""
+    parser.add_argument(
+        "--pin-upstream",
+        metavar="CPUS",
+        help="taskset CPU list for the upstream nginx (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-proxy",
+        metavar="CPUS",
+        help=f"taskset CPU list for {proxy_help} (default: not pinned)",
+    )
+    parser.add_argument(
+        "--pin-load", metavar="CPUS", help=f"taskset CPU list for {load_help} (default: not pinned)"
+    )
+
+
+def add_output_arguments(
+    parser: argparse.ArgumentParser, out_name: str, no_install_help: str
+) -> None:
+    """--out-dir (where ``out_name`` goes), --no-install and --keep-tmp."""
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        default=OUT_DIR,
+        help=f"where {out_name} goes (default bench/out)",
+    )
+    parser.add_argument("--no-install", action="store_true", help=no_install_help)
+    parser.add_argument(
+        "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
+    )
+
+
+def require_positive_counts(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, names: Sequence[str]
+) -> None:
+    for name in names:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+
+
+def select_systems(
+    parser: argparse.ArgumentParser, systems: str | None, known: Sequence[str]
+) -> list[str]:
+    """The names in ``--systems`` (all of ``known`` if not given), in ``known``'s order."""
+    if not systems:
+        return list(known)
+    names = [name.strip() for name in systems.split(",") if name.strip()]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown systems: {', '.join(unknown)} (choose from {tuple(known)})")
+    return [name for name in known if name in names]
+
+
+# --------------------------------------------------------------------------- process
 
 
 def raise_interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def handle_signals() -> None:
+    """SIGTERM and SIGHUP stop the run like Ctrl-C, so every child process is stopped."""
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
 
 
 @contextlib.contextmanager
@@ -30,6 +142,89 @@ def workspace(keep: bool) -> Iterator[Path]:
             print(f"kept {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def run_in_workspace(
+    keep_tmp: bool, run: Callable[[Path], dict[str, Any]]
+) -> tuple[dict[str, Any], int | None]:
+    """``run`` in a fresh workspace: its results, and an exit code if it did not finish."""
+    with workspace(keep_tmp) as root:
+        try:
+            return run(root), None
+        except KeyboardInterrupt:
+            print("\ninterrupted: all child processes stopped", file=sys.stderr)
+            return {}, 130
+        except peers.PeerError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return {}, 1
+
+
+def rotated(systems: list[T], round_index: int) -> list[T]:
+    """``systems`` in this round's order: the order rotates every round."""
+    shift = round_index % max(len(systems), 1)
+    return systems[shift:] + systems[:shift]
+
+
+# --------------------------------------------------------------------------- header, results
+
+
+def header_start(command_line: str, machine: dict[str, Any]) -> list[str]:
+    """The command and machine lines every scenario's header begins with."""
+    cpu = machine["cpu_before_start"]
+    loadavg = " ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
+    return [
+        f"command: {command_line}",
+        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, {machine['kernel']}, "
+        f"loadavg {loadavg}, CPU busy before start {cpu['busy_pct']}%",
+    ]
+
+
+def header_warnings(
+    machine: dict[str, Any], meshpy: dict[str, object] | None, build_hint: str = ""
+) -> list[str]:
+    """Warnings for a debug build of meshpy and for a machine already busy at the start."""
+    lines = []
+    if meshpy is not None and meshpy["debug_info"]:
+        lines.append(
+            "warning: meshpy's extension carries debug info, so it is most likely a debug "
+            f"build{build_hint}; its numbers say little about a release build"
+        )
+    cpu = machine["cpu_before_start"]
+    if cpu["busy_pct"] + cpu["steal_pct"] > BUSY_WARNING_PCT:
+        lines.append(
+            f"warning: the machine was already {cpu['busy_pct']}% busy "
+            f"({cpu['steal_pct']}% stolen) before the benchmark started; "
+            "its numbers will be low and noisy"
+        )
+    return lines
+
+
+def meshpy_changed(meshpy: dict[str, object] | None) -> bool:
+    """Whether meshpy's extension changed on disk since ``meshpy`` was read; warns if so."""
+    changed = meshpy is not None and peers.meshpy_info() != meshpy
+    if changed:
+        print(
+            "warning: meshpy's extension changed on disk during the run; "
+            "its numbers may mix two builds",
+            file=sys.stderr,
+        )
+    return changed
+
+
+def settings_json(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()
+    }
+
+
+def runs_json(runs: Sequence[SystemRuns]) -> dict[str, list[dict[str, Any]]]:
+    return {r.name: [run.to_json() for run in r.runs] for r in runs}
+
+
+def write_results(out_dir: Path, prefix: str, started: str, document: dict[str, Any]) -> None:
+    out = out_dir / f"{prefix}-{started}.json"
+    report.write_json(out, document)
+    print(f"\nresults: {out}")
 
 
 def describe_meshpy(meshpy: dict[str, object] | None) -> str:

@@ -17,7 +17,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -26,20 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import load, peers, report
+from bench import harness, load, peers, report
 from bench.harness import (
     describe_meshpy,
     measure_fixed_rate,
     measure_saturation,
-    raise_interrupt,
     start_service,
-    workspace,
 )
-from bench.report import SystemRuns
-
-OUT_DIR = Path(__file__).resolve().parent / "out"
-REPO = Path(__file__).resolve().parent.parent
-BUSY_WARNING_PCT = 20.0
+from bench.report import SystemRuns, _ms, _num, _rate
 
 DIRECT, ONE_HOP, TWO_PLAIN, TWO_MTLS = "direct", "one-hop", "two-hop-plain", "two-hop-mtls"
 SYSTEMS = (DIRECT, ONE_HOP, TWO_PLAIN, TWO_MTLS)
@@ -66,34 +59,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=1, help="--workers of every meshpy process (default 1)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    parser.add_argument(
-        "--duration", type=float, default=8.0, help="seconds per measured run (default 8)"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=float,
-        default=2.0,
-        help="seconds of unmeasured load before each run (default 2)",
-    )
-    parser.add_argument(
-        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
-    )
-    parser.add_argument(
-        "--load-threads", type=int, default=1, help="wrk/h2load threads (default 1)"
-    )
+    harness.add_load_arguments(parser, duration=8.0)
     parser.add_argument(
         "--rate",
         type=float,
         default=1000.0,
         help="fixed total req/s for the latency runs with h2load (default 1000; 0 skips them)",
     )
-    parser.add_argument(
-        "--rate-connections",
-        type=int,
-        default=10,
-        help="h2load connections for --rate (default 10)",
-    )
+    harness.add_rate_connections_argument(parser)
     parser.add_argument(
         "--handshake-seconds",
         type=int,
@@ -106,56 +79,28 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         default=2,
         help="parallel openssl s_time processes (default 2: one per core)",
     )
-    parser.add_argument(
-        "--pin-upstream",
-        metavar="CPUS",
-        help="taskset CPU list for the upstream nginx (default: not pinned)",
-    )
-    parser.add_argument(
-        "--pin-proxy",
-        metavar="CPUS",
-        help="taskset CPU list for every meshpy process (default: not pinned)",
-    )
-    parser.add_argument(
-        "--pin-load",
-        metavar="CPUS",
-        help="taskset CPU list for wrk/h2load/openssl (default: not pinned)",
-    )
-    parser.add_argument(
-        "--out-dir",
-        type=Path,
-        default=OUT_DIR,
-        help="where mesh-<timestamp>.json goes (default bench/out)",
-    )
-    parser.add_argument(
-        "--no-install", action="store_true", help="only say what to install if a tool is missing"
-    )
-    parser.add_argument(
-        "--keep-tmp", action="store_true", help="keep the temporary directory with configs and logs"
+    harness.add_pin_arguments(parser, "every meshpy process", "wrk/h2load/openssl")
+    harness.add_output_arguments(
+        parser, "mesh-<timestamp>.json", "only say what to install if a tool is missing"
     )
     args = parser.parse_args(argv)
-    for name in (
-        "threads",
-        "rounds",
-        "connections",
-        "load_threads",
-        "rate_connections",
-        "handshake_clients",
-    ):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    harness.require_positive_counts(
+        parser,
+        args,
+        (
+            "threads",
+            "rounds",
+            "connections",
+            "load_threads",
+            "rate_connections",
+            "handshake_clients",
+        ),
+    )
     if args.duration <= 0 or args.warmup < 0 or args.rate < 0 or args.handshake_seconds < 0:
         parser.error(
             "--duration must be positive; --warmup, --rate, --handshake-seconds not negative"
         )
-    if args.systems:
-        names = [name.strip() for name in args.systems.split(",") if name.strip()]
-        unknown = [name for name in names if name not in SYSTEMS]
-        if unknown:
-            parser.error(f"unknown systems: {', '.join(unknown)} (choose from {SYSTEMS})")
-        args.names = [name for name in SYSTEMS if name in names]
-    else:
-        args.names = list(SYSTEMS)
+    args.names = harness.select_systems(parser, args.systems, SYSTEMS)
     return args
 
 
@@ -423,9 +368,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
         width = max(len(name) for name in SYSTEMS)
         for round_index in range(args.rounds):
-            shift = round_index % max(len(systems), 1)
-            order = systems[shift:] + systems[:shift]  # rotate the order every round
-            for system in order:
+            for system in harness.rotated(systems, round_index):
                 label = f"round {round_index + 1}/{args.rounds} {system.name:<{width}}"
                 reason = system.exited()
                 if reason:
@@ -502,17 +445,7 @@ def summarize_saturation(runs: list[SystemRuns]) -> list[dict[str, Any]]:
 
 
 def summarize_fixed_rate(runs: list[SystemRuns]) -> list[dict[str, Any]]:
-    summaries = {r.name: r.summary(None, None) for r in runs}
-    base = summaries.get(TWO_PLAIN, {}).get("latency_us_median")
-    for s in summaries.values():
-        s.pop("ratio_to_direct", None)
-        lat = s.get("latency_us_median")
-        s["latency_us_over_two_hop_plain"] = (
-            {key: round(lat[key] - base[key], 1) for key in ("p50", "p90", "p99", "p99.9")}
-            if lat and base
-            else None
-        )
-    return [summaries[r.name] for r in runs]
+    return report.latency_over(runs, TWO_PLAIN, "latency_us_over_two_hop_plain")
 
 
 def ratios(saturation: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -548,22 +481,6 @@ def summarize_handshakes(results: list[dict[str, Any]], failures: list[str]) -> 
 # --------------------------------------------------------------------------- tables
 
 
-def _ms(us: float | None) -> str:
-    return "-" if us is None else f"{us / 1000:.3f}"
-
-
-def _signed_ms(us: float | None) -> str:
-    return "-" if us is None else f"{us / 1000:+.3f}"
-
-
-def _rate(value: float | None) -> str:
-    return "-" if value is None else f"{value:,.0f}"
-
-
-def _num(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def saturation_table(summaries: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<13} {'req/s median':>12} {'spread (min-max)':>19} {'vs direct':>9} "
@@ -592,23 +509,7 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'system':<13} {'req/s done':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
-        f"{'p99.9 ms':>9} {'max ms':>8} {'>gap':>6} {'errors':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
-    )
-    lines = [header, "-" * len(header)]
-    for s in summaries:
-        if not s["rounds_ok"]:
-            lines.append(f"{s['system']:<13} failed: {'; '.join(s['failures'])[:80]}")
-            continue
-        lat, added = s["latency_us_median"], s["latency_us_over_two_hop_plain"] or {}
-        lines.append(
-            f"{s['system']:<13} {_rate(s['rps_median']):>10} {_ms(lat['p50']):>8} "
-            f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(lat['p99.9']):>9} "
-            f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7} "
-            f"{_signed_ms(added.get('p50')):>8} {_signed_ms(added.get('p99')):>8}"
-        )
-    return "\n".join(lines)
+    return report.latency_over_table(summaries, 13, "latency_us_over_two_hop_plain")
 
 
 def handshake_lines(summary: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -646,12 +547,8 @@ def header(
     meshpy: dict[str, object] | None,
     revision: str | None,
 ) -> list[str]:
-    cpu = machine["cpu_before_start"]
-    loadavg = " ".join(f"{x:.2f}" for x in machine["loadavg_at_start"])
     lines = [
-        f"command: {command_line}",
-        f"machine: nproc {machine['nproc']}, {machine['cpu_model']}, {machine['kernel']}, "
-        f"loadavg {loadavg}, CPU busy before start {cpu['busy_pct']}%",
+        *harness.header_start(command_line, machine),
         f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}; "
         f"Python {machine['python']}",
         f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
@@ -662,25 +559,13 @@ def header(
         f"{args.rounds}; CPU pinning upstream={args.pin_upstream or 'none'} "
         f"proxy={args.pin_proxy or 'none'} load={args.pin_load or 'none'}",
     ]
-    if meshpy is not None and meshpy["debug_info"]:
-        lines.append(
-            "warning: meshpy's extension carries debug info, so it is most likely a debug "
-            "build; its numbers say little about a release build"
-        )
-    if cpu["busy_pct"] + cpu["steal_pct"] > BUSY_WARNING_PCT:
-        lines.append(
-            f"warning: the machine was already {cpu['busy_pct']}% busy "
-            f"({cpu['steal_pct']}% stolen) before the benchmark started; "
-            "its numbers will be low and noisy"
-        )
-    return lines
+    return lines + harness.header_warnings(machine, meshpy)
 
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", "mesh", *argv])
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    signal.signal(signal.SIGHUP, raise_interrupt)
+    harness.handle_signals()
 
     try:
         peers.ensure_tools(install=not args.no_install)
@@ -691,38 +576,21 @@ def main(argv: list[str]) -> int:
         return 2
     meshpy = peers.meshpy_info()
     if meshpy is None:
-        print(
-            "meshpy is not importable here: `import meshpy._core` fails "
-            "(install it with `pip install .` from the repository root)",
-            file=sys.stderr,
-        )
+        print(harness.MESHPY_MISSING, file=sys.stderr)
         return 2
 
     machine = report.machine_info()
-    revision = report.git_revision(REPO)
+    revision = report.git_revision(harness.REPO)
     started = time.strftime("%Y%m%d-%H%M%S")
     print("\n".join(header(args, command_line, machine, meshpy, revision)))
     print(flush=True)
 
-    results: dict[str, Any] = {}
-    with workspace(args.keep_tmp) as root:
-        try:
-            results = run_benchmark(args, root)
-        except KeyboardInterrupt:
-            print("\ninterrupted: all child processes stopped", file=sys.stderr)
-            return 130
-        except peers.PeerError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+    results, code = harness.run_in_workspace(args.keep_tmp, lambda root: run_benchmark(args, root))
+    if code is not None:
+        return code
     loadavg_end = list(os.getloadavg())
 
-    meshpy_changed = peers.meshpy_info() != meshpy
-    if meshpy_changed:
-        print(
-            "warning: meshpy's extension changed on disk during the run; "
-            "its numbers may mix two builds",
-            file=sys.stderr,
-        )
+    meshpy_changed = harness.meshpy_changed(meshpy)
     saturation = summarize_saturation(results["saturation"])
     fixed_rate = summarize_fixed_rate(results["fixed_rate"])
     handshakes = summarize_handshakes(results["handshakes"], results["handshake_failures"])
@@ -758,26 +626,21 @@ def main(argv: list[str]) -> int:
         "meshpy": meshpy,
         "meshpy_changed_during_run": meshpy_changed,
         "revision": revision,
-        "settings": {
-            key: (str(value) if isinstance(value, Path) else value)
-            for key, value in vars(args).items()
-        },
+        "settings": harness.settings_json(args),
         "saturation": {
             "summary": saturation,
-            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["saturation"]},
+            "runs": harness.runs_json(results["saturation"]),
         },
         "fixed_rate": {
             "rate": args.rate,
             "summary": fixed_rate,
-            "runs": {r.name: [run.to_json() for run in r.runs] for r in results["fixed_rate"]},
+            "runs": harness.runs_json(results["fixed_rate"]),
         },
         "handshakes": {"summary": handshakes, "runs": results["handshakes"]},
         "ratios": checks,
         "proxy_logs": results["logs"],
     }
-    out = args.out_dir / f"mesh-{started}.json"
-    report.write_json(out, document)
-    print(f"\nresults: {out}")
+    harness.write_results(args.out_dir, "mesh", started, document)
     every = saturation + fixed_rate
     failed = any(s["failures"] or s.get("errors") for s in every) or bool(handshakes["failures"])
     return 1 if failed else 0

@@ -123,6 +123,14 @@ def _ms(us: float | None) -> str:
     return "-" if us is None else f"{us / 1000:.3f}"
 
 
+def _signed_ms(us: float | None) -> str:
+    return "-" if us is None else f"{us / 1000:+.3f}"
+
+
+def _num(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _rate(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
@@ -176,6 +184,43 @@ def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
             f"{s['system']:<9} {_rate(s['rps_median']):>10} {_ms(lat['p50']):>8} "
             f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(lat['p99.9']):>9} "
             f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7}"
+        )
+    return "\n".join(lines)
+
+
+def latency_over(runs: list[SystemRuns], base_name: str, key: str) -> list[dict[str, Any]]:
+    """Fixed-rate summaries with each latency percentile's difference to ``base_name``'s,
+    under ``key``."""
+    summaries = {r.name: r.summary(None, None) for r in runs}
+    base = summaries.get(base_name, {}).get("latency_us_median")
+    for s in summaries.values():
+        s.pop("ratio_to_direct", None)
+        lat = s.get("latency_us_median")
+        s[key] = (
+            {p: round(lat[p] - base[p], 1) for p in ("p50", "p90", "p99", "p99.9")}
+            if lat and base
+            else None
+        )
+    return [summaries[r.name] for r in runs]
+
+
+def latency_over_table(summaries: list[dict[str, Any]], width: int, key: str) -> str:
+    """The fixed-rate table with +p50/+p99 columns from ``key`` (see ``latency_over``)."""
+    header = (
+        f"{'system':<{width}} {'req/s done':>10} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+        f"{'p99.9 ms':>9} {'max ms':>8} {'>gap':>6} {'errors':>7} {'+p50 ms':>8} {'+p99 ms':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in summaries:
+        if not s["rounds_ok"]:
+            lines.append(f"{s['system']:<{width}} failed: {'; '.join(s['failures'])[:80]}")
+            continue
+        lat, added = s["latency_us_median"], s[key] or {}
+        lines.append(
+            f"{s['system']:<{width}} {_rate(s['rps_median']):>10} {_ms(lat['p50']):>8} "
+            f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(lat['p99.9']):>9} "
+            f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7} "
+            f"{_signed_ms(added.get('p50')):>8} {_signed_ms(added.get('p99')):>8}"
         )
     return "\n".join(lines)
 
