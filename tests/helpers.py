@@ -196,11 +196,18 @@ class Metrics:
 
 
 def eventually(check, timeout: float = 5.0, interval: float = 0.05):
-    """Run ``check`` (which asserts) until it passes; after ``timeout`` re-raise its failure."""
+    """Run ``check`` until it passes; after ``timeout`` re-raise its failure.
+
+    ``check`` passes when it neither raises AssertionError nor returns ``False``, so a
+    plain predicate (``lambda: x in text``) waits and fails like an assertion would.
+    """
     deadline = time.monotonic() + timeout
     while True:
         try:
-            return check()
+            result = check()
+            if result is False:
+                raise AssertionError(f"{getattr(check, '__name__', 'check')} stayed false")
+            return result
         except AssertionError:
             if time.monotonic() > deadline:
                 raise
