@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -121,20 +121,14 @@ pub async fn handle(
     if !req.headers().contains_key(&X_REQUEST_ID) {
         req.headers_mut().insert(X_REQUEST_ID.clone(), request_id());
     }
-    let text = |v: Option<&HeaderValue>| v.and_then(|v| v.to_str().ok()).map(str::to_owned);
     let mut entry = Entry {
         listener: ctx.accepted.name.clone(),
         method: req.method().to_string(),
-        authority: req
-            .uri()
-            .authority()
-            .map(|a| a.to_string())
-            .or_else(|| text(req.headers().get(header::HOST)))
-            .unwrap_or_default(),
+        authority: authority(req.uri(), req.headers()).to_owned(),
         path: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
         client: ctx.peer.ip().to_string(),
         identity: ctx.identity.as_deref().map(str::to_owned),
-        request_id: text(req.headers().get(&X_REQUEST_ID)),
+        request_id: req.headers().get(&X_REQUEST_ID).and_then(|v| v.to_str().ok()).map(str::to_owned),
         ..Entry::default()
     };
     let response = serve(ctx, req, Some(&mut entry)).await?;
@@ -192,7 +186,7 @@ async fn serve(
     };
 
     // The request line, for the log hooks of a request refused before the filters saw it.
-    let request_line = chain.on_log.then(|| head_of(&req, &ctx, route, HeaderMap::new()));
+    let request_line = chain.on_log.then(|| head_of(req.method(), req.uri(), req.headers(), &ctx, route));
     let mut exchanged = Exchanged::default();
     let mut response = match forward(&ctx, &listener, route, req, Some((chain, &mut exchanged))).await {
         Ok(response) => response,
@@ -227,18 +221,22 @@ struct Exchanged {
     error: Option<String>,
 }
 
-/// The request as filters see it, with `headers` (taken or copied by the caller).
-fn head_of<B>(req: &Request<B>, ctx: &ConnCtx, route: &Route, headers: HeaderMap) -> RequestHead {
-    let authority = match req.uri().authority() {
+/// The host the client asked for: the URI's authority (HTTP/2, absolute form) or `Host`.
+fn authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
+    match uri.authority() {
         Some(authority) => authority.as_str(),
-        None => req.headers().get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
-    };
+        None => headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default(),
+    }
+}
+
+/// The request line as filters see it; the caller adds the headers (taken or copied).
+fn head_of(method: &Method, uri: &Uri, headers: &HeaderMap, ctx: &ConnCtx, route: &Route) -> RequestHead {
     RequestHead {
-        method: req.method().clone(),
+        method: method.clone(),
         scheme: if ctx.tls { "https" } else { "http" },
-        authority: authority.to_owned(),
-        path_and_query: req.uri().path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        headers,
+        authority: authority(uri, headers).to_owned(),
+        path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+        headers: HeaderMap::new(),
         body: None,
         client_addr: ctx.peer.ip().to_string(),
         identity: ctx.identity.clone(),
@@ -259,7 +257,7 @@ async fn request_phase(
     listener: &Listener,
     route: &Route,
     chain: &Arc<FilterChain>,
-    parts: http::request::Parts,
+    mut parts: http::request::Parts,
     body: Incoming,
     exchanged: &mut Exchanged,
 ) -> Result<Filtered, ProxyError> {
@@ -280,9 +278,7 @@ async fn request_phase(
     let fail_open = chain.on_error == OnError::FailOpen;
     // Kept only where a failing filter may be skipped: the request then goes on as it came.
     let original = fail_open.then(|| parts.headers.clone());
-    let request = Request::from_parts(parts, ());
-    let mut head = head_of(&request, ctx, route, HeaderMap::new());
-    let (mut parts, ()) = request.into_parts();
+    let mut head = head_of(&parts.method, &parts.uri, &parts.headers, ctx, route);
     head.headers = std::mem::take(&mut parts.headers);
     head.body = buffered.as_ref().err().cloned();
     let forward_body = |buffered: Result<Incoming, Bytes>| match buffered {
@@ -319,12 +315,12 @@ async fn request_phase(
                 Err(name) => {
                     tracing::warn!(route = %route.name, cluster = %name, "a filter routed to an unknown cluster");
                     chain.metrics.failure(Phase::Request, &chain.names, FailReason::Exception);
-                    exchanged.error =
-                        Some(format!("filter {} routed to unknown cluster \"{name}\"", chain.names));
+                    let message = format!("filter {} routed to unknown cluster \"{name}\"", chain.names);
+                    exchanged.error = Some(message.clone());
                     if !fail_open {
                         return Err(ProxyError::Filter {
                             status: StatusCode::INTERNAL_SERVER_ERROR,
-                            message: exchanged.error.clone().unwrap_or_default(),
+                            message,
                         });
                     }
                     return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None });
@@ -429,9 +425,8 @@ async fn forward(
     if let Some((chain, exchanged)) = &mut filters {
         // Later phases without the request phase's object see the request as forwarded.
         if chain.keeps_exchange() && exchanged.request.is_none() {
-            let request = Request::from_parts(parts, ());
-            let head = head_of(&request, ctx, route, request.headers().clone());
-            parts = request.into_parts().0;
+            let mut head = head_of(&parts.method, &parts.uri, &parts.headers, ctx, route);
+            head.headers = parts.headers.clone();
             exchanged.request = Some(RequestState::Head(Box::new(head)));
         }
     }
