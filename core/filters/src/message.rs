@@ -223,13 +223,11 @@ impl PyRequest {
 
     #[setter]
     fn set_body(&mut self, body: &Bound<'_, PyAny>) -> PyResult<()> {
-        if self.body.is_none() {
-            return Err(PyAttributeError::new_err(
-                "the body is streamed on this route; set body_limit on the filter to read or replace it",
-            ));
-        }
-        self.body = Some(body_bytes(body)?);
-        Ok(())
+        replace_body(
+            &mut self.body,
+            body,
+            "the body is streamed on this route; set body_limit on the filter to read or replace it",
+        )
     }
 
     /// Sends the request to another cluster of the config instead of the route's.
@@ -244,6 +242,15 @@ impl PyRequest {
     fn __repr__(&self) -> String {
         format!("<Request {} {}{}>", self.method, self.authority, self.path_and_query)
     }
+}
+
+/// Replaces a body that is held whole; `streamed` says why there is none to replace.
+fn replace_body(slot: &mut Option<Py<PyBytes>>, body: &Bound<'_, PyAny>, streamed: &str) -> PyResult<()> {
+    if slot.is_none() {
+        return Err(PyAttributeError::new_err(streamed.to_owned()));
+    }
+    *slot = Some(body_bytes(body)?);
+    Ok(())
 }
 
 fn body_bytes(body: &Bound<'_, PyAny>) -> PyResult<Py<PyBytes>> {
@@ -324,13 +331,7 @@ impl PyResponse {
 
     #[setter]
     fn set_body(&mut self, body: &Bound<'_, PyAny>) -> PyResult<()> {
-        if self.body.is_none() {
-            return Err(PyAttributeError::new_err(
-                "the upstream's body streams to the client and cannot be replaced",
-            ));
-        }
-        self.body = Some(body_bytes(body)?);
-        Ok(())
+        replace_body(&mut self.body, body, "the upstream's body streams to the client and cannot be replaced")
     }
 
     fn __repr__(&self) -> String {
