@@ -187,62 +187,74 @@ class _Dispatcher:
         finally:
             self.busy = None
 
-    # --- request phase ----------------------------------------------------------------------
+    # --- request and response phases -------------------------------------------------------
 
     def _request(self, call: _core.FilterCall) -> None:
+        self._run_phase(call, "on_request", call.chain.request_hooks, (call.request,))
+
+    def _response(self, call: _core.FilterCall) -> None:
+        self._run_phase(
+            call, "on_response", call.chain.response_hooks, (call.request, call.response)
+        )
+
+    def _run_phase(
+        self, call: _core.FilterCall, phase: str, hooks: tuple[Hook, ...], args: tuple[Any, ...]
+    ) -> None:
+        """Run a phase's hooks in order, inline until one is async, then as a task."""
         if call.expired():
             return  # the proxy stopped waiting while the call was queued
-        chain: Chain = call.chain
-        request = call.request
-        for index, hook in enumerate(chain.request_hooks):
+        for index, hook in enumerate(hooks):
             if hook.is_async:
-                self._spawn(self._request_async(call, chain, index), call.timeout)
+                self._spawn(self._run_phase_async(call, phase, hooks, args, index), call.timeout)
                 return
             try:
-                result = self._call(hook, request)
+                result = self._call(hook, *args)
                 if inspect.isawaitable(result):  # a plain def that returned an awaitable
-                    self._spawn(self._request_async(call, chain, index, result), call.timeout)
+                    task = self._run_phase_async(call, phase, hooks, args, index, result)
+                    self._spawn(task, call.timeout)
                     return
-                if result is not None:
+                if result is not None and phase == "on_request":
                     self._answer(call, hook, result)
                     return
             except Exception as exc:
-                self._failed(call, hook, "on_request", exc)
+                self._failed(call, hook, phase, exc)
                 return
             if call.expired():
-                self._errors.timeout(hook, "on_request", call.timeout)
+                self._errors.timeout(hook, phase, call.timeout)
                 return
         call.proceed()
 
-    async def _request_async(
+    async def _run_phase_async(
         self,
         call: _core.FilterCall,
-        chain: Chain,
+        phase: str,
+        hooks: tuple[Hook, ...],
+        args: tuple[Any, ...],
         start: int,
         pending: Awaitable[Any] | None = None,
     ) -> None:
-        request = call.request
-        hook = chain.request_hooks[start]
+        hook = hooks[start]
         try:
-            for hook in chain.request_hooks[start:]:
-                result = pending if pending is not None else hook.call(request)
+            for hook in hooks[start:]:
+                result = pending if pending is not None else hook.call(*args)
                 pending = None
                 if inspect.isawaitable(result):
                     result = await result
-                if result is not None:
+                if result is not None and phase == "on_request":
                     self._answer(call, hook, result)
                     return
         except asyncio.CancelledError:
             if self._cancelled_at_deadline():
-                self._errors.timeout(hook, "on_request", call.timeout)
+                self._errors.timeout(hook, phase, call.timeout)
                 return
             raise
         except Exception as exc:
-            self._failed(call, hook, "on_request", exc)
+            self._failed(call, hook, phase, exc)
             return
         call.proceed()
 
     def _answer(self, call: _core.FilterCall, hook: Hook, result: object) -> None:
+        """What an on_request hook returned: a Response answers the request, anything else fails."""
         if isinstance(result, Response):
             call.respond(result)
             return
@@ -250,55 +262,6 @@ class _Dispatcher:
             f"on_request must return a meshpy.Response or None, not {type(result).__name__}"
         )
         self._failed(call, hook, "on_request", error)
-
-    # --- response phase ---------------------------------------------------------------------
-
-    def _response(self, call: _core.FilterCall) -> None:
-        if call.expired():
-            return
-        chain: Chain = call.chain
-        request, response = call.request, call.response
-        for index, hook in enumerate(chain.response_hooks):
-            if hook.is_async:
-                self._spawn(self._response_async(call, chain, index), call.timeout)
-                return
-            try:
-                result = self._call(hook, request, response)
-                if inspect.isawaitable(result):
-                    self._spawn(self._response_async(call, chain, index, result), call.timeout)
-                    return
-            except Exception as exc:
-                self._failed(call, hook, "on_response", exc)
-                return
-        if call.expired():
-            self._errors.timeout(chain.response_hooks[-1], "on_response", call.timeout)
-            return
-        call.proceed()
-
-    async def _response_async(
-        self,
-        call: _core.FilterCall,
-        chain: Chain,
-        start: int,
-        pending: Awaitable[Any] | None = None,
-    ) -> None:
-        request, response = call.request, call.response
-        hook = chain.response_hooks[start]
-        try:
-            for hook in chain.response_hooks[start:]:
-                result = pending if pending is not None else hook.call(request, response)
-                pending = None
-                if inspect.isawaitable(result):
-                    await result
-        except asyncio.CancelledError:
-            if self._cancelled_at_deadline():
-                self._errors.timeout(hook, "on_response", call.timeout)
-                return
-            raise
-        except Exception as exc:
-            self._failed(call, hook, "on_response", exc)
-            return
-        call.proceed()
 
     # --- log phase --------------------------------------------------------------------------
 
