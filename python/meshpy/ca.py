@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import math
 import os
@@ -844,12 +845,19 @@ class CertificateAuthority:
         ttl: Ttl = WORKLOAD_TTL,
         *,
         dns_names: Iterable[str] = (),
+        ip_addresses: Iterable[str] = (),
         key_type: str = "ecdsa-p256",
     ) -> IssuedCertificate:
-        """A new key and a workload certificate for ``spiffe://<td>/ns/<namespace>/sa/<service>``."""
+        """A new key and a workload certificate for ``spiffe://<td>/ns/<namespace>/sa/<service>``.
+
+        `dns_names` and `ip_addresses` are added as SANs for clients that check a host name
+        (the control plane's own certificate is checked that way by httpx).
+        """
         identity = parse_spiffe_id(spiffe_id(self.trust_domain, namespace, service))
         key = generate_key(key_type)
-        return self._sign(key.public_key(), identity, ttl, dns_names, key_pem=_key_pem(key))
+        return self._sign(
+            key.public_key(), identity, ttl, dns_names, key_pem=_key_pem(key), ips=ip_addresses
+        )
 
     def sign_csr(
         self,
@@ -896,6 +904,7 @@ class CertificateAuthority:
         dns_names: Iterable[str],
         *,
         key_pem: str | None,
+        ips: Iterable[str] = (),
     ) -> IssuedCertificate:
         _check_workload_key(public_key)
         seconds = parse_ttl(ttl)
@@ -917,6 +926,7 @@ class CertificateAuthority:
         )
         names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(identity))]
         names += [x509.DNSName(name) for name in dns]
+        names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in dict.fromkeys(ips)]
         cert = (
             x509.CertificateBuilder()
             .subject_name(

@@ -1,4 +1,4 @@
-"""The `meshpy` command: proxy, validate, schema, demo, ca."""
+"""The `meshpy` command: proxy, validate, schema, demo, ca, and the mesh commands (cli_mesh)."""
 
 import argparse
 import datetime
@@ -8,7 +8,10 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import yaml
+
 from . import __version__
+from .cli_mesh import add_mesh_commands
 from .config import json_schema, load_config, parse_duration
 from .errors import ConfigError, MeshpyError
 from .filters import build_filter_set
@@ -59,9 +62,12 @@ def _plural(count: int, noun: str) -> str:
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
+    from .agent import MeshAgent, is_mesh_bootstrap
     from .proxy import Sidecar
 
     try:
+        if is_mesh_bootstrap(_peek_yaml(args.config)):
+            return MeshAgent(args.config, workers=args.workers).run(args.drain_timeout)
         sidecar = Sidecar(args.config, workers=args.workers)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -72,10 +78,40 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     return sidecar.run(args.drain_timeout)
 
 
+def _peek_yaml(path: str) -> object:
+    """The first document of a YAML file, or None when it cannot be read (reported later)."""
+    try:
+        with open(path, "rb") as file:
+            return next(yaml.safe_load_all(file), None)
+    except (OSError, yaml.YAMLError):
+        return None
+
+
+def _validate_other(path: str) -> str | None:
+    """Check a mesh resource file or a control-plane sidecar file; None for a plain config."""
+    from .agent import is_mesh_bootstrap, load_bootstrap
+    from .controlplane.models import is_resource_file, load_resources
+
+    try:
+        text = Path(path).read_bytes()
+    except OSError:
+        return None
+    if is_resource_file(text):
+        return _plural(len(load_resources(path)), "resource")
+    if is_mesh_bootstrap(_peek_yaml(path)):
+        boot = load_bootstrap(path)
+        return f"sidecar of {boot.namespace}/{boot.service}, config from the control plane"
+    return None
+
+
 def _cmd_validate(args: argparse.Namespace) -> int:
     status = 0
     for path in args.files:
         try:
+            other = _validate_other(path)
+            if other is not None:
+                print(f"{path}: ok ({other})")
+                continue
             config = load_config(path)
             # Creating the filters runs their __init__, which checks more than types can.
             build_filter_set(config, Path(path).parent)
@@ -269,8 +305,9 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser(
         "validate",
         help="check config files",
-        description="Check sidecar config files; every problem is printed as <field path>:"
-        " <message>. Exits 1 if any file is invalid.",
+        description="Check sidecar config files and mesh resource files (what meshpy apply"
+        " sends); every problem is printed as <field path>: <message>. Exits 1 if any file is"
+        " invalid.",
     )
     validate.add_argument("files", nargs="+", metavar="FILE")
     validate.set_defaults(handler=_cmd_validate)
@@ -292,6 +329,7 @@ def _parser() -> argparse.ArgumentParser:
     add_log_level(demo)
     demo.set_defaults(handler=_cmd_demo)
     _add_ca_commands(commands)
+    add_mesh_commands(commands, _duration, list(_LOG_LEVELS))
     return parser
 
 

@@ -886,7 +886,8 @@ class Cluster(_Model):
 
     name: Name = Field(description="Unique cluster name, referenced by routes and tcp listeners.")
     endpoints: list[Endpoint] = Field(
-        description="host:port of each upstream; at least one.", json_schema_extra={"minItems": 1}
+        description="host:port of each upstream. An empty list is allowed (a mesh service whose"
+        " instances are all gone): its requests get 503 naming the cluster."
     )
     lb: LbPolicy = Field(default="p2c_ewma", description="Load-balancing policy.")
     protocol: UpstreamProtocol = Field(
@@ -914,13 +915,6 @@ class Cluster(_Model):
             " it is closed at the pool's next use."
         ),
     )
-
-    @field_validator("endpoints")
-    @classmethod
-    def _not_empty(cls, endpoints: list[str]) -> list[str]:
-        if not endpoints:
-            raise ValueError("expected at least one endpoint")
-        return endpoints
 
 
 class SidecarConfig(_Model):
@@ -1231,9 +1225,9 @@ def _unwrap(annotation: Any) -> Any:
             return annotation
 
 
-def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
+def _fields_at(root: Any, loc: tuple[int | str, ...]) -> list[str]:
     """The field names of the model found at `loc`, for suggesting a fix to an unknown key."""
-    annotation: Any = SidecarConfig
+    annotation: Any = root
     for item in loc:
         annotation = _unwrap(annotation)
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -1251,7 +1245,7 @@ def _fields_at(loc: tuple[int | str, ...]) -> list[str]:
     return []
 
 
-def _error_message(error: Any) -> str:
+def _error_message(error: Any, root: Any) -> str:
     kind = error["type"]
     ctx = error.get("ctx") or {}
     value = error.get("input")
@@ -1260,7 +1254,7 @@ def _error_message(error: Any) -> str:
     if kind == "missing":
         return "required field is missing"
     if kind == "extra_forbidden":
-        allowed = _fields_at(error["loc"][:-1])
+        allowed = _fields_at(root, error["loc"][:-1])
         close = difflib.get_close_matches(str(error["loc"][-1]), allowed, n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         return f"unknown field ({hint}expected one of {', '.join(allowed)})"
@@ -1269,11 +1263,12 @@ def _error_message(error: Any) -> str:
     return str(error["msg"])
 
 
-def _config_errors(exc: ValidationError) -> list[str]:
+def validation_errors(exc: ValidationError, root: Any) -> list[str]:
+    """One ``<field path>: <message>`` line per problem pydantic found validating `root`."""
     lines = []
     for error in exc.errors(include_url=False):
         path = _error_path(error["loc"])
-        message = _error_message(error)
+        message = _error_message(error, root)
         lines.append(f"{path}: {message}" if path else message)
     return lines
 
@@ -1315,7 +1310,7 @@ def parse_config(data: Mapping[str, Any], base_dir: Path | None = None) -> Sidec
     try:
         config = SidecarConfig.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(_config_errors(exc)) from None
+        raise ConfigError(validation_errors(exc, SidecarConfig)) from None
     errors = _cross_check(config) or _check_filters(config, context["base_dir"])
     if errors:
         raise ConfigError(errors)

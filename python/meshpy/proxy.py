@@ -8,15 +8,18 @@ import importlib.util
 import logging
 import math
 import os
+import queue
 import shutil
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType, TracebackType
+from typing import Any
 
 from cryptography import x509
 
@@ -95,8 +98,19 @@ class Sidecar:
     config and ListenError when an address cannot be bound.
     """
 
-    def __init__(self, path: str | os.PathLike[str], workers: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        workers: int | None = None,
+        *,
+        base_dir: str | os.PathLike[str] | None = None,
+    ) -> None:
         self.path = Path(path)
+        # Where relative paths and filter modules resolve: the config's directory by default.
+        self.base_dir = Path(base_dir) if base_dir is not None else self.path.parent
+        self.last_error: str | None = None  # why the last refused config was refused
+        # Work other threads hand to run()'s loop, which owns the proxy (see call_in_loop).
+        self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
         # A self-issued identity: its private directory, its key, the certificate, its renewal.
         self._identity_dir: Path | None = None
         self._issue_key: tuple[object, ...] | None = None
@@ -160,6 +174,32 @@ class Sidecar:
             return False
         return self._apply(data)
 
+    def apply_config(self, data: bytes) -> bool:
+        """Apply config text that does not come from the file (the control plane's push).
+
+        On refusal the current config stays and `last_error` says why.
+        """
+        return self._apply(data)
+
+    def call_in_loop(self, call: Callable[[], Any]) -> "Future[Any]":
+        """Run `call` on the thread in run(), which owns the proxy; its result comes back
+        through the future. For threads that drive the sidecar (the mesh agent)."""
+        future: Future[Any] = Future()
+        self._calls.put((call, future))
+        return future
+
+    def _run_calls(self) -> None:
+        while True:
+            try:
+                call, future = self._calls.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(call())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
     def shutdown(self, drain_timeout: float = 5.0) -> None:
         """Stop accepting, give in-flight requests up to `drain_timeout` seconds, then stop."""
         if self._proxy.is_running():
@@ -188,6 +228,7 @@ class Sidecar:
                 if "reload" in pending:
                     pending.discard("reload")
                     self.reload()
+                self._run_calls()
                 if time.time() >= self._renew_due:
                     self.renew_identity()
                 if time.monotonic() >= next_poll:
@@ -216,7 +257,7 @@ class Sidecar:
         self.shutdown()
 
     def _parse(self, data: bytes) -> SidecarConfig:
-        config = loads_config(data, base_dir=self.path.parent, source=str(self.path))
+        config = loads_config(data, base_dir=self.base_dir, source=str(self.path))
         identity = config.identity
         if identity is not None and identity.self_issued:
             self._use_self_issued(identity)
@@ -321,7 +362,7 @@ class Sidecar:
 
     def _build_filters(self, config: SidecarConfig) -> FilterSet:
         try:
-            return build_filter_set(config, self.path.parent)
+            return build_filter_set(config, self.base_dir)
         except ConfigError as exc:
             raise ConfigError(exc.errors, str(self.path)) from None
 
@@ -336,6 +377,7 @@ class Sidecar:
             # Refused before reaching the core: count it there so metrics see every refusal.
             self._proxy.record_reload_failure()
             log.error("config rejected, keeping version %d:\n%s", self.version, exc)
+            self.last_error = str(exc)
             return False
         if not self._swap(config, filters, "config rejected"):
             return False
@@ -351,6 +393,7 @@ class Sidecar:
                 self._proxy.reload(config.to_core_json(filters), filters.handles())
         except MeshpyError as exc:
             log.error("%s, keeping version %d:\n%s", refused, self.version, exc)
+            self.last_error = str(exc)
             return False
         self._config = config
         self._filters = filters
