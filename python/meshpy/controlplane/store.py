@@ -13,6 +13,7 @@ import abc
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -21,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Entry", "SqliteStore", "Store", "StoreError", "open_store"]
+
+log = logging.getLogger("meshpy.controlplane")
 
 _SWEEP_INTERVAL = 0.25  # seconds between looks for expired leases
 
@@ -168,10 +171,8 @@ class SqliteStore(Store):
     ) -> int:
         puts, deletes = list(puts), list(deletes)
         with self._transaction() as db:
-            if (
-                lease is not None
-                and not db.execute("SELECT 1 FROM leases WHERE id = ?", (lease,)).fetchone()
-            ):
+            live = "SELECT 1 FROM leases WHERE id = ? AND expires >= ?"
+            if lease is not None and not db.execute(live, (lease, time.time())).fetchone():
                 raise StoreError(f"lease {lease} has expired")
             revision = self._bump(db)
             db.executemany(
@@ -215,8 +216,10 @@ class SqliteStore(Store):
 
     async def keepalive(self, lease: int) -> bool:
         with self._transaction() as db:
+            now = time.time()  # a lease past its expiry is gone, even before the sweep
             cursor = db.execute(
-                "UPDATE leases SET expires = ? + ttl WHERE id = ?", (time.time(), lease)
+                "UPDATE leases SET expires = ? + ttl WHERE id = ? AND expires >= ?",
+                (now, lease, now),
             )
         return cursor.rowcount == 1
 
@@ -264,11 +267,14 @@ class SqliteStore(Store):
     async def _sweep_forever(self) -> None:
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            rows = self._conn.execute(
-                "SELECT id FROM leases WHERE expires < ?", (time.time(),)
-            ).fetchall()
-            if self._expire([row[0] for row in rows]):
-                await self._notify()
+            try:
+                rows = self._conn.execute(
+                    "SELECT id FROM leases WHERE expires < ?", (time.time(),)
+                ).fetchall()
+                if self._expire([row[0] for row in rows]):
+                    await self._notify()
+            except (StoreError, sqlite3.Error) as exc:  # tried again at the next sweep
+                log.warning("expiring leases failed: %s", exc)
 
 
 def _entry(row: tuple[str, str, int, int | None]) -> Entry:
