@@ -244,6 +244,14 @@ class MeshAgent:
                  answer["not_after"])  # fmt: skip
 
     def renew(self) -> None:
+        """A new certificate for the same identity; once the current one has expired (the
+        control plane was away too long) the join token is the only way back in."""
+        if self._not_after is not None and self._not_after <= dt.datetime.now(dt.UTC):
+            log.warning("the certificate has expired; joining again with the token")
+            self.join()
+            if self.sidecar is not None:
+                self.sidecar.call_in_loop(self.sidecar.reload_identity)
+            return
         csr, key = generate_csr()
         answer = self.client.request("POST", "/v1/certificate", {"csr": csr}).json()
         self._store_certificate(answer, key)
@@ -354,7 +362,7 @@ class MeshAgent:
                 self._report()
                 backoff.reset()
                 delay = REPORT_INTERVAL
-            except (Unreachable, ClientError) as exc:
+            except MeshpyError as exc:  # unreachable, refused, or the token cannot be read
                 delay = backoff.next()
                 log.warning("report to the control plane: %s; retrying in %.1fs", exc, delay)
             self._report_now.wait(delay)
