@@ -268,11 +268,16 @@ class MeshAgent:
     # -- config
 
     def render(self, config: dict[str, Any]) -> bytes:
-        """The full sidecar config: the control plane's slice plus this sidecar's own facts."""
+        """The full sidecar config: the control plane's slice plus this sidecar's own facts.
+
+        Listen addresses are the bootstrap's as written, never the ports bound for port 0:
+        the proxy keeps a listener across versions only while its address is unchanged, and
+        would otherwise try to bind its own port a second time and refuse every new version.
+        """
         boot = self.bootstrap
         inbound: dict[str, Any] = {
             "name": "inbound",
-            "listen": self._bound.get("inbound", boot.inbound.listen),
+            "listen": boot.inbound.listen,
             "mtls": "strict",
             "routes": config["inbound"]["routes"],
         }
@@ -280,7 +285,7 @@ class MeshAgent:
             inbound["authz"] = config["inbound"]["authz"]
         outbound = {
             "name": "outbound",
-            "listen": self._bound.get("outbound", boot.outbound.listen),
+            "listen": boot.outbound.listen,
             "routes": config["outbound"]["routes"],
         }
         document: dict[str, Any] = {
@@ -296,7 +301,7 @@ class MeshAgent:
             ],
         }
         if boot.admin is not None:
-            document["admin"] = {"listen": self._bound.get("admin", boot.admin.listen)}
+            document["admin"] = {"listen": boot.admin.listen}
         header = f"# Written by the mesh agent of {boot.namespace}/{boot.service}.\n"
         return (header + yaml.safe_dump(document, sort_keys=False)).encode()
 
