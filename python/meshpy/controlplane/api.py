@@ -287,8 +287,17 @@ def create_app(cp: ControlPlane, *, manage_store: bool = True) -> FastAPI:
         """Create or update several resources at once: all are checked before any is written."""
         return await _apply(_parse_all(request.resources))
 
+    resource_schemas: dict[str, Any] = {}
     for plural, model in KINDS.items():
-        _add_kind_routes(app, cp, plural, model, Admin, _apply, _shown)
+        _add_kind_routes(app, cp, plural, model, Admin, _apply, _shown, resource_schemas)
+
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the resource schemas the PUT bodies refer to."""
+        if app.openapi_schema is None:
+            FastAPI.openapi(app)["components"]["schemas"].update(resource_schemas)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     # -- endpoints registered by hand
 
@@ -485,10 +494,18 @@ def _add_kind_routes(
     admin: Any,
     apply: Callable[[list[Any]], Awaitable[list[ApplyResult]]],
     shown: Callable[[Any], dict[str, Any]],
+    schemas: dict[str, Any],
 ) -> None:
-    """GET/PUT/DELETE for one kind of resource, its body documented by its model's schema."""
+    """GET/PUT/DELETE for one kind of resource, its body documented by its model's schema.
+
+    The model's schema and those it refers to are added to `schemas`, for the document's
+    components (a $ref into the model's own $defs would not resolve in the document).
+    """
     kind = model.__name__
-    schema = {"content": {"application/json": {"schema": model.model_json_schema(by_alias=True)}}}
+    ref = "#/components/schemas/{model}"
+    model_schema = model.model_json_schema(by_alias=True, ref_template=ref)
+    schemas.update(model_schema.pop("$defs", {}), **{kind: model_schema})
+    schema = {"content": {"application/json": {"schema": {"$ref": ref.format(model=kind)}}}}
 
     @app.get(f"/v1/{plural}", tags=["resources"], dependencies=[admin], name=f"list_{plural}")
     async def list_kind(namespace: str | None = None) -> list[dict[str, Any]]:
