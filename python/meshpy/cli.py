@@ -131,10 +131,9 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    _configure_logging(args.log_level)
     from .demo import run_demo
 
-    return run_demo(port=args.port, admin_port=args.admin_port)
+    return run_demo(port=args.port, data_dir=args.data_dir, log_level=args.log_level)
 
 
 # The key types of meshpy.ca.KEY_TYPES, spelled out so that building the parser does not
@@ -321,11 +320,18 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run a proxy in front of demo services on localhost",
-        description="Start three small echo services and a proxy routing to them, on localhost.",
+        help="run the demo shop as a mesh on localhost",
+        description="Start a control plane, the shop's four services with a sidecar each and an"
+        " ingress sidecar on --port, all on localhost, until Ctrl-C or SIGTERM.",
     )
-    demo.add_argument("--port", type=_port, default=8080, help="proxy port (default: 8080)")
-    demo.add_argument("--admin-port", type=_port, default=9901, help="admin port (default: 9901)")
+    demo.add_argument(
+        "--port", type=_port, default=8080, help="the ingress (entry) port (default: 8080)"
+    )
+    demo.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        help="keep state and logs here (default: a temporary directory, removed on exit)",
+    )
     add_log_level(demo)
     demo.set_defaults(handler=_cmd_demo)
     _add_ca_commands(commands)
