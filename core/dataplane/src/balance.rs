@@ -52,9 +52,15 @@ impl Endpoint {
         ewma.updated = now;
     }
 
+    /// The latency estimate times the requests in flight. As in Linkerd's peak-EWMA, the
+    /// estimate decays toward zero while the endpoint goes unobserved: an endpoint once
+    /// slow (a cold connection, a handshake) is not shunned forever by a balancer that only
+    /// ever picks its cheaper rival.
     fn cost(&self) -> f64 {
         let pending = self.in_flight.load(Relaxed) as f64;
-        self.ewma.lock().unwrap().value_ns * (pending + 1.0)
+        let ewma = self.ewma.lock().unwrap();
+        let idle = ewma.updated.elapsed().as_secs_f64();
+        ewma.value_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp() * (pending + 1.0)
     }
 
     pub fn in_flight(&self) -> usize {
@@ -193,6 +199,17 @@ mod tests {
         for _ in 0..20 {
             assert_eq!(lb.pick(None).unwrap().0, 1);
         }
+    }
+
+    #[test]
+    fn p2c_ewma_retries_an_endpoint_whose_slow_sample_has_aged() {
+        let lb = Balancer::new(LbPolicy::P2cEwma, &addresses(2));
+        lb.endpoints[0].observe(Duration::from_millis(200));
+        lb.endpoints[1].observe(Duration::from_micros(500));
+        // Two minutes without a sample: the old 200 ms has decayed far below the fresh 0.5 ms.
+        let aged = Instant::now().checked_sub(Duration::from_secs(120)).unwrap();
+        lb.endpoints[0].ewma.lock().unwrap().updated = aged;
+        assert_eq!(lb.pick(None).unwrap().0, 0);
     }
 
     #[test]
