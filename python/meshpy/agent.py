@@ -47,6 +47,7 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 CONFIG_FILE = "sidecar.yaml"
 REPORT_INTERVAL = 1.0  # seconds between reports (the lease heartbeat)
+REPORT_TIMEOUT = 1.0  # seconds a report may take until the control plane names its lease TTL
 POLL_WAIT = 25.0  # seconds a config long-poll may wait on the control plane
 RENEW_AT = 2 / 3  # of the certificate's lifetime
 BACKOFF_FIRST, BACKOFF_MAX = 0.2, 5.0
@@ -160,6 +161,7 @@ class MeshAgent:
         self.version: int | None = None  # the control plane's version now applied
         self.hash = ""  # of the slice last received (applied or refused)
         self.error: str | None = None
+        self._report_timeout = REPORT_TIMEOUT
         self.sidecar: Any = None  # a proxy.Sidecar once started
         self._bound: dict[str, str] = {}
         self._stop = threading.Event()
@@ -332,7 +334,12 @@ class MeshAgent:
     # -- the loops
 
     def _report(self) -> None:
-        self.client.request("POST", "/v1/report", self._report_body())
+        response = self.client.request(
+            "POST", "/v1/report", self._report_body(), timeout=self._report_timeout
+        )
+        # A hung replica must not hold a report until the lease has expired: a quarter of the
+        # TTL leaves time to move on and report to the next replica before it does.
+        self._report_timeout = response.json()["lease_ttl"] / 4
 
     def _report_body(self) -> dict[str, Any]:
         address = self.bootstrap.inbound.advertise or self._bound.get("inbound")

@@ -154,14 +154,21 @@ class WorkloadClient:
         credentials = self._credentials()
         if credentials is not None:
             headers.update(sign_request(method, target, content, *credentials))
-        url = self.url
+        index = self._current
+        url = self.urls[index]
         try:
             response = self._http.request(
                 method, url + target, content=content, headers=headers, timeout=timeout
             )
         except httpx.HTTPError as exc:
-            self._current = (self._current + 1) % len(self.urls)
+            self._move_on_from(index)
             raise Unreachable(f"{url}: {type(exc).__name__}: {exc}") from None
         if response.status_code >= 500:
-            self._current = (self._current + 1) % len(self.urls)
+            self._move_on_from(index)
         return _raise_for(response)
+
+    def _move_on_from(self, index: int) -> None:
+        # The watch and the reports share this client: a request that fails late (a long-poll
+        # on a hung replica) must not send the other back to the replica it already left.
+        if self._current == index:
+            self._current = (index + 1) % len(self.urls)
