@@ -316,12 +316,13 @@ class MeshAgent:
 
     def _apply(self, answer: dict[str, Any]) -> None:
         data = self.render(answer["config"])
-        self.hash = answer["hash"]
         if self.sidecar is None:
             applied, error = True, None
         else:
             applied = self.sidecar.call_in_loop(lambda: self.sidecar.apply_config(data)).result()
             error = None if applied else self.sidecar.last_error
+        # The hash moves only now: a report sent meanwhile must not acknowledge a config
+        # that is not running yet. A refused one moves it too, so it is not fetched again.
         if applied:
             _atomic_write(self.config_path, data)  # the last good config, for restarts
             self.version, self.error = answer["version"], None
@@ -329,6 +330,7 @@ class MeshAgent:
         else:
             self.error = error or "refused"
             log.error("config version %s refused: %s", answer["version"], self.error)
+        self.hash = answer["hash"]
         self._report_now.set()
 
     # -- the loops

@@ -126,7 +126,7 @@ def _cmd_get(args: argparse.Namespace) -> int:
             print(_table(["NAMESPACE", "SERVICE", "ADDRESS", "REGISTERED BY"], rows))
             return 0
     else:
-        items = client.list(args.kind, args.namespace)
+        items = client.list_resources(args.kind, args.namespace)
     if args.output == "json":
         print(json.dumps(items, indent=2))
     elif args.output == "yaml":

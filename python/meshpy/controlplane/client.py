@@ -104,7 +104,7 @@ class AdminClient:
     def apply(self, resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return self.request("POST", "/v1/apply", {"resources": resources})
 
-    def list(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
+    def list_resources(self, plural: str, namespace: str | None = None) -> list[dict[str, Any]]:
         query = f"?namespace={namespace}" if namespace else ""
         return self.request("GET", f"/v1/{plural}{query}")
 

@@ -17,6 +17,8 @@ from .store import open_store
 __all__ = ["ControlPlaneSettings", "run_control_plane"]
 
 log = logging.getLogger("meshpy.controlplane")
+# httpx logs every request at INFO: with etcd as the store, several lines per sidecar report.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 SERVER_SERVICE = "control-plane"
 SERVER_NAMESPACE = "meshpy-system"

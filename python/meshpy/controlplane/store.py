@@ -16,7 +16,7 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -246,7 +246,7 @@ class SqliteStore(Store):
         db.execute("UPDATE meta SET value = value + 1 WHERE name = 'revision'")
         return int(db.execute("SELECT value FROM meta WHERE name = 'revision'").fetchone()[0])
 
-    def _expire(self, leases: list[int]) -> bool:
+    def _expire(self, leases: Sequence[int]) -> bool:
         """Delete `leases` and their keys; True when any key went."""
         if not leases:
             return False
