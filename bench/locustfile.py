@@ -13,12 +13,19 @@ or with the web UI on http://localhost:8089::
 
     locust -f bench/locustfile.py --host http://127.0.0.1:PORT
 
-PORT is the frontend's, or its sidecar's inbound listener to measure through the mesh;
-``--host`` defaults to http://127.0.0.1:8080.
+``--host`` defaults to http://127.0.0.1:8080, the entry of ``meshpy demo``: its ingress sidecar
+is an HTTP proxy into the mesh that picks the service by the Host header, so every request
+says ``Host: frontend``. The frontend app itself ignores the Host header, so the same file
+measures it directly (PORT: the app's). Set ``MESHPY_SHOP_HOST`` to name the frontend
+otherwise (``frontend.shop``), or to an empty string to send the ``--host`` URL's own.
+
+``python -m bench.locust_run --demo`` starts the demo, runs this file against it and prints
+the mesh's own view of the same run beside locust's.
 """
 
 from __future__ import annotations
 
+import os
 import random
 import uuid
 
@@ -27,11 +34,14 @@ from locust import FastHttpUser, between, task
 GOOD_CARD = "4242424242424242"
 DECLINED_CARD = "4000000000000002"
 DECLINED_SHARE = 0.05
+# The service the demo's ingress routes to, by the Host header.
+SHOP_HOST = os.environ.get("MESHPY_SHOP_HOST", "frontend")
 
 
 class Shopper(FastHttpUser):
     host = "http://127.0.0.1:8080"
     wait_time = between(0.1, 0.5)
+    default_headers = {"Host": SHOP_HOST} if SHOP_HOST else None
 
     def on_start(self) -> None:
         self.session = uuid.uuid4().hex
