@@ -383,13 +383,16 @@ def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | Non
     return Service("nginx", port, _nginx_argv(workdir, cpus), workdir)
 
 
-def haproxy_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
+def haproxy_proxy(
+    workdir: Path, upstream_port: int, threads: int, cpus: str | None, maxconn: int = 4096
+) -> Service:
+    """``maxconn``: HAProxy refuses connections beyond it (the memory bench holds thousands)."""
     workdir.mkdir(parents=True)
     port = free_port()
     conf = (
         "global\n"
         f"    nbthread {threads}\n"
-        "    maxconn 4096\n"
+        f"    maxconn {maxconn}\n"
         "defaults\n"
         "    mode http\n"
         "    option http-keep-alive\n"

@@ -1,0 +1,598 @@
+"""``python -m bench memory``: how much memory a sidecar costs, next to nginx and HAProxy.
+
+Each system (meshpy, nginx, HAProxy: one HTTP listener forwarding to the shared upstream nginx,
+configured as in ``python -m bench``) is started alone, measured, and stopped, so the others do
+not share the machine with it. RSS is summed over the process tree (nginx's master and workers;
+the single ``meshpy proxy`` process, whose RSS includes the Python interpreter, because that is
+what a user of the sidecar pays). Measured, in this order, on the same process:
+
+- idle RSS right after start (after the readiness check and one GET);
+- RSS growth per 1,000 idle keep-alive connections: ``--idle-connections`` client connections
+  each send one request (so the proxy has allocated its per-connection state and its upstream
+  pool exists) and then stay open and idle; then they are closed, to see whether RSS comes back
+  within a second or two. An allocator may keep freed memory and hand it back to the OS only on
+  a later allocation or trim, so a low "released" share means "not yet", not necessarily "never":
+  the RSS under load, measured next on the same process, shows whether it came back later;
+- RSS under sustained load: wrk keep-alive at saturation, sampled every 0.5 s;
+- for ``--soak-systems`` only: a soak of ``--soak`` seconds at a fixed ``--soak-rate`` (h2load),
+  sampled every ``--soak-interval`` seconds. The soak is *flat* when the least-squares slope of
+  RSS over time is below 1% of the median RSS per 10 minutes: about 0.4 MB per 10 minutes for a
+  40 MB sidecar. A leak of one small allocation per request (say 100 B at 1,000 req/s, 6 MB per
+  minute) is far above that, while allocator noise of a few hundred KB over a soak is below it.
+  A soak of a minute or less is too short for the verdict to mean much (the slope of a short
+  run is dominated by the allocator settling); the suite runs 600 s.
+
+For context, the RSS of ``python -c pass`` and of ``python -c 'import meshpy'`` is reported, to
+split the sidecar's figure into interpreter, meshpy's Python modules and the proxy itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import resource
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from bench import harness, load, peers, report
+
+SYSTEMS = ("meshpy", "nginx", "haproxy")
+TARGET_IDLE_MB = 40.0  # idle sidecar RSS, Python included
+TARGET_KB_PER_CONNECTION = 50.0  # per idle keep-alive connection
+FLAT_PCT_PER_10_MIN = 1.0  # a soak is flat when RSS grows by less than this share in 10 min
+LOAD_SAMPLE_SECONDS = 0.5
+SETTLE_SECONDS = 1.0  # let a proxy finish allocating/freeing before a reading
+CONNECT_BATCH = 100  # connections opened (and requests sent) before their responses are read
+SPARE_FILES = 1024  # file descriptors kept beyond the idle connections
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench memory",
+        description="RSS of a meshpy sidecar, nginx and HAProxy forwarding to one nginx "
+        "upstream: idle, per idle keep-alive connection, under load (wrk) and over a soak "
+        "at a fixed rate (h2load).",
+        epilog="Quick run: --soak 60 --idle-connections 2000 --duration 5.",
+    )
+    parser.add_argument(
+        "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=1, help="worker threads/processes of every proxy (default 1)"
+    )
+    parser.add_argument(
+        "--idle-connections",
+        type=int,
+        default=5000,
+        help="idle keep-alive connections held open at once (default 5000)",
+    )
+    parser.add_argument(
+        "--duration", type=float, default=10.0, help="seconds of wrk load (default 10)"
+    )
+    parser.add_argument(
+        "-c", "--connections", type=int, default=50, help="wrk connections (default 50)"
+    )
+    parser.add_argument(
+        "--soak",
+        type=float,
+        default=600.0,
+        help="soak seconds per system in --soak-systems (default 600; 60 for a quick look; "
+        "0 skips it)",
+    )
+    parser.add_argument(
+        "--soak-systems",
+        default="meshpy",
+        help="comma-separated systems that get the soak (default meshpy)",
+    )
+    parser.add_argument(
+        "--soak-rate", type=float, default=1000.0, help="soak req/s in total (default 1000)"
+    )
+    parser.add_argument(
+        "--soak-connections", type=int, default=10, help="h2load connections (default 10)"
+    )
+    parser.add_argument(
+        "--soak-interval", type=float, default=5.0, help="seconds between soak RSS samples"
+    )
+    harness.add_pin_arguments(parser, "the proxy under test")
+    harness.add_output_arguments(
+        parser, "memory-<timestamp>.json", "only say what to install if a tool is missing"
+    )
+    args = parser.parse_args(argv)
+    harness.require_positive_counts(
+        parser, args, ("threads", "idle_connections", "connections", "soak_connections")
+    )
+    if args.duration <= 0 or args.soak < 0 or args.soak_rate <= 0 or args.soak_interval <= 0:
+        parser.error("--duration, --soak-rate, --soak-interval must be positive; --soak >= 0")
+    args.names = harness.select_systems(parser, args.systems, SYSTEMS)
+    args.soak_names = harness.select_systems(parser, args.soak_systems, SYSTEMS)
+    return args
+
+
+# --------------------------------------------------------------------------- measuring RSS
+
+
+def tree_rss_kb(pid: int) -> int:
+    """Resident memory of a process and all its descendants, in KiB."""
+    root = psutil.Process(pid)
+    total = 0
+    for proc in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += proc.memory_info().rss
+    return total // 1024
+
+
+def settled_rss_kb(pid: int, samples: int = 3) -> int:
+    """Median of a few readings after ``SETTLE_SECONDS``, so one reading mid-change counts less."""
+    time.sleep(SETTLE_SECONDS)
+    readings = []
+    for _ in range(samples):
+        readings.append(tree_rss_kb(pid))
+        time.sleep(0.2)
+    return int(statistics.median(readings))
+
+
+def python_rss_kb(code: str) -> int:
+    """RSS of a fresh interpreter of this Python after running ``code``, in KiB."""
+    probe = (
+        f"{code}\n"
+        "for line in open('/proc/self/status'):\n"
+        "    if line.startswith('VmRSS:'):\n"
+        "        print(line.split()[1])\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    return int(done.stdout.split()[-1])
+
+
+def least_squares_slope(xs: Sequence[float], ys: Sequence[float]) -> float:
+    """Slope of the least-squares line through the points (0.0 if the xs do not vary)."""
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    spread = sum((x - mean_x) ** 2 for x in xs)
+    if spread == 0:
+        return 0.0
+    return sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / spread
+
+
+def soak_summary(samples: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """Slope, first-vs-last-minute growth and the flat/growing verdict of (seconds, KiB) samples.
+
+    The windows are a minute each, or a third of the soak if it is shorter than three minutes.
+    """
+    times = [t for t, _ in samples]
+    rss = [kb for _, kb in samples]
+    slope = least_squares_slope([t / 60 for t in times], rss)
+    median_kb = statistics.median(rss)
+    flat_limit = median_kb * FLAT_PCT_PER_10_MIN / 100 / 10  # KiB per minute
+    window = min(60.0, (times[-1] - times[0]) / 3)
+    first = [kb for t, kb in samples if t <= times[0] + window]
+    last = [kb for t, kb in samples if t >= times[-1] - window]
+    return {
+        "samples": len(samples),
+        "rss_kb_first": rss[0],
+        "rss_kb_last": rss[-1],
+        "rss_kb_median": median_kb,
+        "rss_kb_max": max(rss),
+        "slope_kb_per_min": round(slope, 2),
+        "flat_limit_kb_per_min": round(flat_limit, 2),
+        "window_s": round(window, 1),
+        "growth_first_to_last_window_kb": round(statistics.fmean(last) - statistics.fmean(first)),
+        "verdict": "flat" if slope < flat_limit else "growing",
+    }
+
+
+def sample_while(
+    pid: int, interval: float, work: Callable[[], load.LoadResult]
+) -> tuple[load.LoadResult, list[tuple[float, int]]]:
+    """Run ``work`` in a thread and sample the tree's RSS every ``interval`` s until it ends."""
+    samples: list[tuple[float, int]] = []
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        future = pool.submit(work)
+        while True:
+            try:
+                result = future.result(timeout=interval)
+                break
+            except concurrent.futures.TimeoutError:
+                samples.append((round(time.monotonic() - start, 2), tree_rss_kb(pid)))
+    return result, samples
+
+
+# --------------------------------------------------------------------------- idle connections
+
+
+def raise_open_files_limit(needed: int) -> None:
+    """Lift RLIMIT_NOFILE to ``needed`` for this process and the proxies it starts after."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= needed:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(hard, needed)))
+    except (ValueError, OSError) as exc:
+        raise peers.PeerError(
+            f"cannot raise the open files limit to {needed} (hard limit {hard}): {exc}; "
+            "lower --idle-connections"
+        ) from exc
+
+
+def read_response(sock: socket.socket) -> int:
+    """Read one HTTP/1.1 response with a Content-Length body; return its status code."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise peers.PeerError("connection closed before a response")
+        data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise peers.PeerError("connection closed in the middle of a response")
+        body += chunk
+    return int(lines[0].split()[1])
+
+
+def open_idle_connections(port: int, count: int) -> list[socket.socket]:
+    """``count`` keep-alive connections, each having completed one GET, left open and idle."""
+    request = f"GET / HTTP/1.1\r\nHost: {peers.HOST}\r\n\r\n".encode()
+    opened: list[socket.socket] = []
+    try:
+        while len(opened) < count:
+            batch = []
+            for _ in range(min(CONNECT_BATCH, count - len(opened))):
+                sock = socket.create_connection((peers.HOST, port), timeout=30)
+                opened.append(sock)
+                batch.append(sock)
+                sock.sendall(request)
+            for sock in batch:
+                status = read_response(sock)
+                if status != 200:
+                    raise peers.PeerError(f"GET / on port {port} answered {status}")
+    except (OSError, peers.PeerError) as exc:
+        close_all(opened)
+        raise peers.PeerError(f"connection {len(opened)} of {count} failed: {exc}") from exc
+    return opened
+
+
+def close_all(sockets: Sequence[socket.socket]) -> None:
+    for sock in sockets:
+        sock.close()
+
+
+def measure_idle_connections(pid: int, port: int, count: int) -> dict[str, Any]:
+    """RSS before, with ``count`` idle keep-alive connections open, and after closing them."""
+    before = settled_rss_kb(pid)
+    sockets = open_idle_connections(port, count)
+    try:
+        held = settled_rss_kb(pid)
+    finally:
+        close_all(sockets)
+    after_close = settled_rss_kb(pid)
+    growth = held - before
+    return {
+        "connections": count,
+        "rss_kb_before": before,
+        "rss_kb_held": held,
+        "rss_kb_after_close": after_close,
+        "kb_per_1000": round(growth / count * 1000, 1),
+        "kb_per_connection": round(growth / count, 2),
+        "released_pct": round(100 * (held - after_close) / growth, 1) if growth > 0 else None,
+    }
+
+
+# --------------------------------------------------------------------------- load and soak
+
+
+def measure_under_load(
+    service: peers.Service,
+    url: str,
+    duration: float,
+    connections: int,
+    script: Path,
+    pin: str | None,
+) -> dict[str, Any]:
+    """RSS sampled every 0.5 s while wrk keeps ``connections`` keep-alive connections busy."""
+    command = load.wrk_command(url, 1, connections, duration, script, peers.pin_prefix(pin))
+    assert service.proc is not None
+    result, samples = sample_while(
+        service.proc.pid,
+        LOAD_SAMPLE_SECONDS,
+        lambda: load.run_wrk(command, duration, service.cpu_seconds),
+    )
+    rss = [kb for _, kb in samples] or [tree_rss_kb(service.proc.pid)]
+    return {
+        "command": command,
+        "rps": result.rps,
+        "errors": result.errors,
+        "rss_kb_median": int(statistics.median(rss)),
+        "rss_kb_max": max(rss),
+        "samples": samples,
+    }
+
+
+def measure_soak(
+    service: peers.Service, url: str, args: argparse.Namespace, root: Path
+) -> dict[str, Any]:
+    """``args.soak`` seconds at ``args.soak_rate`` req/s, RSS sampled every ``soak_interval``."""
+    log_file = root / f"h2load-soak-{service.name}.log"
+    command = load.h2load_command(
+        url,
+        1,
+        args.soak_connections,
+        args.soak,
+        0,
+        args.soak_rate,
+        log_file,
+        peers.pin_prefix(args.pin_load),
+    )
+    assert service.proc is not None
+    result, samples = sample_while(
+        service.proc.pid,
+        args.soak_interval,
+        lambda: load.run_h2load(
+            command, args.soak, 0, args.soak_rate, args.soak_connections, log_file
+        ),
+    )
+    if len(samples) < 3:
+        raise load.LoadError(f"soak too short: {len(samples)} RSS samples")
+    return {
+        "command": command,
+        "seconds": args.soak,
+        "rps": result.rps,
+        "errors": result.errors,
+        **soak_summary(samples),
+        "rss_kb_samples": samples,
+    }
+
+
+# --------------------------------------------------------------------------- one system
+
+
+def proxy_service(
+    name: str, root: Path, upstream_port: int, args: argparse.Namespace
+) -> peers.Service:
+    """The proxy ``name`` configured as in ``python -m bench``; HAProxy admits every idle one."""
+    if name == "haproxy":
+        maxconn = args.idle_connections + SPARE_FILES
+        return peers.haproxy_proxy(
+            root / name, upstream_port, args.threads, args.pin_proxy, maxconn
+        )
+    return peers.PROXIES[name](root / name, upstream_port, args.threads, args.pin_proxy)
+
+
+def measure_system(
+    name: str, args: argparse.Namespace, root: Path, upstream: peers.Service, script: Path
+) -> dict[str, Any]:
+    """Every memory figure of one proxy, started for this and stopped afterwards."""
+    result: dict[str, Any] = {"system": name, "failures": []}
+    service = proxy_service(name, root, upstream.port, args)
+    url = f"http://{peers.HOST}:{service.port}/"
+    with contextlib.ExitStack() as stack:
+        harness.start_service(stack, service, "/", len(peers.SMALL_BODY))
+        assert service.proc is not None
+        pid = service.proc.pid
+        result["idle_rss_kb"] = settled_rss_kb(pid)
+        print(f"{name:<8} idle {result['idle_rss_kb'] / 1024:.1f} MB", flush=True)
+        phases: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+            (
+                "idle_connections",
+                lambda: measure_idle_connections(pid, service.port, args.idle_connections),
+            ),
+            (
+                "load",
+                lambda: measure_under_load(
+                    service, url, args.duration, args.connections, script, args.pin_load
+                ),
+            ),
+        ]
+        if args.soak and name in args.soak_names:
+            phases.append(("soak", lambda: measure_soak(service, url, args, root)))
+        for phase, run in phases:
+            if service.proc.poll() is not None:
+                result["failures"].append(f"{phase}: exited with code {service.proc.returncode}")
+                break
+            try:
+                result[phase] = run()
+            except (peers.PeerError, load.LoadError, OSError) as exc:
+                result["failures"].append(f"{phase}: {str(exc).splitlines()[0]}")
+                print(f"{name:<8} {phase} failed: {exc}", file=sys.stderr, flush=True)
+                continue
+            print(f"{name:<8} {phase_line(phase, result[phase])}", flush=True)
+        result["log_tail"] = service.log_tail()
+    return result
+
+
+def phase_line(phase: str, figures: dict[str, Any]) -> str:
+    if phase == "idle_connections":
+        return (
+            f"{figures['connections']} idle connections: +{figures['kb_per_1000']:,.0f} KB per "
+            f"1,000 ({figures['kb_per_connection']} KB each), released after close "
+            f"{_pct(figures['released_pct'])}"
+        )
+    if phase == "load":
+        return (
+            f"under load ({figures['rps']:,.0f} req/s, errors {figures['errors']}): RSS median "
+            f"{_mb(figures['rss_kb_median'])} MB, max {_mb(figures['rss_kb_max'])} MB"
+        )
+    return soak_line(figures)
+
+
+def soak_line(soak: dict[str, Any]) -> str:
+    return (
+        f"soak {soak['seconds']:g} s at {soak['rps']:,.0f} req/s (errors {soak['errors']}), "
+        f"{soak['samples']} samples: RSS {_mb(soak['rss_kb_first'])} -> "
+        f"{_mb(soak['rss_kb_last'])} MB, slope {soak['slope_kb_per_min']:+,.1f} KB/min "
+        f"(flat below {soak['flat_limit_kb_per_min']:,.1f}), last vs first "
+        f"{soak['window_s']:g} s {soak['growth_first_to_last_window_kb']:+,} KB: {soak['verdict']}"
+    )
+
+
+def _mb(kb: float | None) -> str:
+    return "-" if kb is None else f"{kb / 1024:.1f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}%"
+
+
+# --------------------------------------------------------------------------- run, report
+
+
+def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    """Every system in turn against one upstream, plus the interpreter baselines."""
+    raise_open_files_limit(args.idle_connections + SPARE_FILES)
+    baselines = {
+        "python_kb": python_rss_kb("pass"),
+        "python_import_meshpy_kb": python_rss_kb("import meshpy"),
+    }
+    script = load.write_wrk_script(root)
+    systems = []
+    with contextlib.ExitStack() as stack:
+        upstream = peers.upstream_nginx(root / "upstream", args.pin_upstream)
+        harness.start_service(stack, upstream, "/", len(peers.SMALL_BODY))
+        for name in args.names:
+            try:
+                systems.append(measure_system(name, args, root, upstream, script))
+            except peers.PeerError as exc:
+                systems.append({"system": name, "failures": [str(exc).splitlines()[0]]})
+                print(f"{name:<8} failed: {exc}", file=sys.stderr, flush=True)
+    return {"baselines": baselines, "systems": systems}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's three targets for the meshpy sidecar, each met, not met, or not measured."""
+    meshpy = next((s for s in results["systems"] if s["system"] == "meshpy"), {})
+    idle = meshpy.get("idle_rss_kb")
+    per_connection = meshpy.get("idle_connections", {}).get("kb_per_connection")
+    verdict = meshpy.get("soak", {}).get("verdict")
+    return [
+        {
+            "target": f"idle sidecar RSS (Python included) <= {TARGET_IDLE_MB:g} MB",
+            "value": None if idle is None else f"{idle / 1024:.1f} MB",
+            "met": None if idle is None else idle / 1024 <= TARGET_IDLE_MB,
+        },
+        {
+            "target": f"<= {TARGET_KB_PER_CONNECTION:g} KB per idle keep-alive connection",
+            "value": None if per_connection is None else f"{per_connection:.1f} KB",
+            "met": None if per_connection is None else per_connection <= TARGET_KB_PER_CONNECTION,
+        },
+        {
+            "target": f"flat over the soak (slope < {FLAT_PCT_PER_10_MIN:g}% of RSS per 10 min)",
+            "value": verdict,
+            "met": None if verdict is None else verdict == "flat",
+        },
+    ]
+
+
+def table(systems: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'system':<8} {'idle MB':>8} {'KB/1k idle conns':>16} {'KB/conn':>8} "
+        f"{'released':>8} {'load median MB':>14} {'load max MB':>11} {'load req/s':>10}"
+    )
+    lines = [header, "-" * len(header)]
+    for s in systems:
+        if "idle_rss_kb" not in s:
+            lines.append(f"{s['system']:<8} failed: {'; '.join(s['failures'])[:80]}")
+            continue
+        conns, under = s.get("idle_connections", {}), s.get("load", {})
+        lines.append(
+            f"{s['system']:<8} {_mb(s['idle_rss_kb']):>8} "
+            f"{report._num(conns.get('kb_per_1000'), ',.0f'):>16} "
+            f"{report._num(conns.get('kb_per_connection'), '.2f'):>8} "
+            f"{_pct(conns.get('released_pct')):>8} {_mb(under.get('rss_kb_median')):>14} "
+            f"{_mb(under.get('rss_kb_max')):>11} {report._rate(under.get('rps')):>10}"
+        )
+    return "\n".join(lines)
+
+
+def summary_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
+    base = results["baselines"]
+    lines = [
+        f"RSS summed over each process tree; {args.idle_connections} idle keep-alive connections "
+        "(one GET each); released: share of their growth gone 1 s after closing them; load: "
+        f"wrk -c{args.connections} keep-alive for {args.duration:g} s, RSS every 0.5 s.",
+        f"Baselines: python -c pass {_mb(base['python_kb'])} MB; python -c 'import meshpy' "
+        f"{_mb(base['python_import_meshpy_kb'])} MB (the meshpy row includes this interpreter).",
+    ]
+    for s in results["systems"]:
+        if "soak" in s:
+            lines.append(f"{s['system']} {soak_line(s['soak'])}")
+        for failure in s["failures"]:
+            lines.append(f"{s['system']} failed: {failure}")
+    lines.append("Targets (meshpy sidecar):")
+    for t in targets(results):
+        verdict = "not measured" if t["met"] is None else ("met" if t["met"] else "NOT met")
+        lines.append(f"  {t['target']}: {t['value'] or '-'}: {verdict}")
+    return lines
+
+
+def measure(args: argparse.Namespace, command_line: str) -> dict[str, Any]:
+    """The whole scenario: prints progress, the table and the targets; returns the document.
+
+    Raises ``peers.PeerError`` if the upstream cannot start, KeyboardInterrupt when stopped.
+    """
+    meshpy = peers.meshpy_info()
+    machine = report.machine_info()
+    revision = report.git_revision(harness.REPO)
+    print("\n".join(harness.header_start(command_line, machine)))
+    print(f"meshpy: {harness.describe_meshpy(meshpy)}; revision {revision or 'unknown'}")
+    for warning in harness.header_warnings(machine, meshpy):
+        print(warning)
+    if meshpy is None and "meshpy" in args.names:
+        raise peers.PeerError(harness.MESHPY_MISSING)
+    with harness.workspace(args.keep_tmp) as root:
+        results = run_benchmark(args, root)
+    print()
+    print(table(results["systems"]))
+    print("\n".join(summary_lines(args, results)))
+    return {
+        "scenario": "memory",
+        "command": command_line,
+        "machine": machine,
+        "loadavg_at_end": list(psutil.getloadavg()),
+        "tools": peers.tool_versions(),
+        "meshpy": meshpy,
+        "meshpy_changed_during_run": harness.meshpy_changed(meshpy),
+        "revision": revision,
+        "settings": harness.settings_json(args),
+        **results,
+        "targets": targets(results),
+    }
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
+    command_line = shlex.join(["python", "-m", "bench", "memory", *argv])
+    harness.handle_signals()
+    try:
+        peers.ensure_tools(install=not args.no_install)
+    except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    started = time.strftime("%Y%m%d-%H%M%S")
+    try:
+        document = measure(args, command_line)
+    except KeyboardInterrupt:
+        print("\ninterrupted: all child processes stopped", file=sys.stderr)
+        return 130
+    except peers.PeerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    harness.write_results(args.out_dir, "memory", started, {"started": started, **document})
+    return 1 if any(s["failures"] for s in document["systems"]) else 0
