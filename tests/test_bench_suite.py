@@ -1,0 +1,343 @@
+"""``python -m bench suite``: options, HTTP/2 set-up, aggregation, targets, charts, a tiny run.
+
+Everything but the last test works on synthetic data; the last runs two systems for one
+second each, so the whole file stays well under 20 s.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's bench/
+
+from bench import chart, load, peers, suite
+from bench.report import SystemRuns
+
+TOOLS = ("nginx", "haproxy", "wrk", "h2load")
+
+
+def wrk_result(rps: float, cpu: float, p99_us: float = 2000.0) -> load.LoadResult:
+    latency = {"mean": 1.0, "stdev": 1.0, "p50": 1000.0, "p90": 1500.0, "p99": p99_us}
+    latency |= {"p99.9": p99_us * 2, "max": p99_us * 3}
+    return load.LoadResult("wrk", [], int(rps), 1.0, rps, 0, latency, {}, cpu)
+
+
+def rate_result(rps: float, p99_us: float) -> load.LoadResult:
+    latency = {"mean": 1.0, "p50": 200.0, "p90": 300.0, "p99": p99_us, "p99.9": p99_us, "max": 1e4}
+    extra = {"slower_than_gap": 0}
+    return load.LoadResult("h2load", [], int(rps), 1.0, rps, 0, latency, {}, None, extra)
+
+
+def runs_of(name: str, results: list[load.LoadResult]) -> SystemRuns:
+    return SystemRuns(name, list(results))
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_quick_sets_short_defaults_that_explicit_options_override() -> None:
+    quick = suite.parse_args(["--quick"])
+    assert (quick.rounds, quick.duration, quick.warmup) == (1, 2.0, 0.0)
+    assert quick.parts == list(suite.PARTS) and quick.mode_names == ["shared", "isolated"]
+    explicit = suite.parse_args(["--quick", "--rounds", "2", "--only", "latency,throughput"])
+    assert explicit.rounds == 2
+    assert explicit.parts == ["throughput", "latency"]  # in the suite's order
+    full = suite.parse_args([])
+    assert (full.rounds, full.duration, full.rate_connections) == (3, 10.0, 50)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--only", "throughput,nonsense"], ["--modes", "pinned"], ["--duration", "1.5"]],
+)
+def test_bad_options_are_rejected(argv: list[str]) -> None:
+    with pytest.raises(SystemExit):
+        suite.parse_args(argv)
+
+
+def test_isolated_mode_pins_proxy_to_core_1_and_the_rest_to_core_0() -> None:
+    assert suite.pin_argv("shared") == []
+    assert suite.pin_argv("isolated") == [
+        "--pin-upstream",
+        "0",
+        "--pin-proxy",
+        "1",
+        "--pin-load",
+        "0",
+    ]
+
+
+# --------------------------------------------------------------------------- HTTP/2 set-up
+
+
+def test_nginx_gets_a_second_listener_for_h2c(tmp_path: Path) -> None:
+    service = peers.upstream_nginx(tmp_path / "upstream")
+    h2_port = suite.add_h2c_listener(service)
+    text = (service.workdir / "nginx.conf").read_text()
+    assert f"listen {peers.HOST}:{service.port} backlog=4096;" in text
+    assert f"listen {peers.HOST}:{h2_port} http2 backlog=4096;" in text
+
+
+def test_meshpy_cluster_is_forced_to_http1(tmp_path: Path) -> None:
+    service = peers.meshpy_proxy(tmp_path / "meshpy", 8080, 1, None)
+    suite.force_http1_upstream(service)
+    config = yaml.safe_load((service.workdir / "sidecar.yaml").read_text())
+    assert config["clusters"][0]["protocol"] == "http1"
+
+
+def test_h2_saturation_counts_2xx_over_h2loads_run_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = tmp_path / "h2.log"
+    log.write_text("".join(f"1\t200\t{100 * (i + 1)}\n" for i in range(100)) + "1\t503\t5\n")
+    stdout = (
+        "finished in 2.00s, 50.50 req/s, 10KB/s\n"
+        "requests: 101 total, 101 started, 101 done, 100 succeeded, 1 failed, 0 errored, "
+        "0 timeout\n"
+    )
+    done = subprocess.CompletedProcess([], 0, stdout, "")
+    monkeypatch.setattr(load, "_run", lambda argv, timeout: done)
+    cpu = iter([1.0, 1.001])
+    result = suite.run_h2_saturation(["h2load"], 2.0, log, lambda: next(cpu))
+    assert result.rps == 50.0  # 100 2xx in 2 s
+    assert result.errors == 2  # one failed, one non-2xx in the log
+    assert result.latency_us["p50"] == 5000.0 and result.latency_us["p99.9"] == 10000.0
+    assert result.cpu_us_per_req == 10.0
+    assert not log.exists()
+
+
+# --------------------------------------------------------------------------- aggregation
+
+
+def test_throughput_summary_has_median_spread_ratio_cpu_and_na() -> None:
+    runs = [
+        runs_of("direct", [wrk_result(r, 5.0) for r in (100, 120, 110)]),
+        runs_of("meshpy", [wrk_result(r, c) for r, c in ((60, 20), (50, 30), (55, 25))]),
+        SystemRuns("nginx"),
+    ]
+    summaries = suite.summarize_throughput(runs, {"nginx": "no HTTP/2: why"})
+    direct, meshpy, nginx = summaries
+    assert (direct["rps_median"], direct["cpu_of"]) == (110, "upstream")
+    assert (meshpy["rps_median"], meshpy["rps_min"], meshpy["rps_max"]) == (55, 50, 60)
+    assert meshpy["ratio_to_direct"] == 0.5 and meshpy["cpu_us_per_req_median"] == 25
+    assert nginx["n/a"] == "no HTTP/2: why"
+    table = suite.throughput_table([{"label": "HTTP/2 100 B", "systems": summaries}])
+    assert "n/a: no HTTP/2: why" in table and "50-60" in table
+
+
+def test_latency_rates_come_from_the_slowest_peer() -> None:
+    summaries = [
+        {"system": "direct", "rounds_ok": 1, "rps_median": 90000.0},
+        {"system": "meshpy", "rounds_ok": 1, "rps_median": 10000.0},
+        {"system": "nginx", "rounds_ok": 1, "rps_median": 40000.0},
+        {"system": "haproxy", "rounds_ok": 1, "rps_median": 48000.0},
+    ]
+    rates = suite.latency_rates(summaries)
+    assert [r["rate"] for r in rates] == [1000.0, 10000.0, 20000.0, 30000.0]
+    assert rates[2]["share"] == 0.5 and rates[2]["of"] == "nginx"
+    assert suite.latency_rates(summaries[:1]) == rates[:1]  # no proxy: only 1,000 req/s
+
+
+def test_latency_is_added_over_direct_at_every_percentile() -> None:
+    runs = [
+        runs_of("direct", [rate_result(1000, 1000.0)]),
+        runs_of("meshpy", [rate_result(1000, 1500.0)]),
+    ]
+    meshpy = suite.summarize_latency(runs)[1]
+    assert meshpy["latency_us_added"] == {"p50": 0.0, "p90": 0.0, "p99": 500.0, "p99.9": 500.0}
+    assert "+0.500" in suite.latency_table(suite.summarize_latency(runs))
+
+
+# --------------------------------------------------------------------------- targets
+
+
+def mode_result(meshpy_rps: float, meshpy_p99_added: float) -> dict[str, Any]:
+    def block(name: str, rps: float, cpu: float) -> dict[str, Any]:
+        """Only what the checks read."""
+        return {"system": name, "rounds_ok": 1, "rps_median": rps, "cpu_us_per_req_median": cpu}
+
+    throughput = [
+        block("meshpy", meshpy_rps, 12.0),
+        block("nginx", 40000.0, 10.0),
+        block("haproxy", 45000.0, 11.0),
+    ]
+    added = {"meshpy": meshpy_p99_added, "nginx": 600.0, "haproxy": 700.0, "direct": 0.0}
+    latency = [
+        {"system": n, "rounds_ok": 1, "latency_us_added": {"p99": v}} for n, v in added.items()
+    ]
+    return {
+        "summary": {
+            "throughput": [{"config": suite.BASE_CONFIG.key, "systems": throughput}],
+            "latency": [{"share": 0.5, "label": "50%", "systems": latency}],
+        },
+        "mesh": {"ratios": [{"value": 0.9, "target": 0.8, "met": True}]},
+        "filters": {"error": "a process did not start (see above)"},
+    }
+
+
+def test_checklist_passes_fails_and_says_not_measured() -> None:
+    memory = {
+        "targets": [
+            {"target": "idle RSS <= 40 MB", "value": "30.0 MB", "met": True},
+            {"target": "<= 50 KB per connection", "value": "60.0 KB", "met": False},
+            {"target": "flat over the soak", "value": None, "met": None},
+        ]
+    }
+    churn = {"skipped": "skipped: module not available (bench.churn: no module)"}
+    checks = suite.checklist({"shared": mode_result(50000.0, 500.0)}, memory, churn)
+    by_target = {c["target"]: c for c in checks}
+    throughput = next(c for c in checks if "keep-alive req/s" in c["target"])
+    assert throughput["value"] == "1.11x" and throughput["met"] is True
+    p99 = next(c for c in checks if "added p99" in c["target"])
+    assert p99["met"] is True  # 0.5 ms <= nginx's 0.6 and haproxy's 0.7
+    assert next(c for c in checks if "mTLS" in c["target"])["met"] is True
+    assert all(c["met"] is None for c in checks if "Python filter" in c["target"])
+    assert next(c for c in checks if "CPU per plaintext" in c["target"])["met"] is True
+    assert by_target["<= 50 KB per connection"]["met"] is False
+    handshakes = next(c for c in checks if "handshakes" in c["target"])
+    assert handshakes["met"] is None and "module not available" in handshakes["note"]
+    lines = "\n".join(suite.checklist_lines(checks))
+    assert "[PASS]" in lines and "[FAIL]" in lines and "not measured" in lines
+
+    slower = suite.checklist({"shared": mode_result(30000.0, 800.0)}, memory, churn)
+    assert next(c for c in slower if "keep-alive req/s" in c["target"])["met"] is False
+    assert next(c for c in slower if "added p99" in c["target"])["met"] is False
+
+
+def test_churn_handshake_target_becomes_a_check() -> None:
+    target = {"target": ">= 3,000/s", "measured_per_s": 3500.0, "met_measured": True}
+    (check,) = suite.module_checks("churn", {"handshake_target": target}, ("unused",))
+    assert check["value"] == "3,500/s" and check["met"] is True
+    target |= {"measured_per_s": 600.0, "met_measured": False, "capacity_per_s": 1800}
+    (check,) = suite.module_checks("churn", {"handshake_target": target}, ("unused",))
+    assert check["value"].startswith("600/s (one-core capacity") and check["met"] is False
+
+
+def test_a_missing_module_is_skipped_with_a_note() -> None:
+    module, note = suite.optional_module("no_such_part")
+    assert module is None and "module not available" in note
+
+
+# --------------------------------------------------------------------------- charts
+
+
+def chart_modes() -> dict[str, dict[str, Any]]:
+    def throughput(name: str, rps: float) -> dict[str, Any]:
+        return {"system": name, "rounds_ok": 3, "rps_median": rps}
+
+    blocks = [
+        {
+            "label": label,
+            "systems": [
+                {**throughput("direct", 90000.0), "rps_min": 88000.0, "rps_max": 91000.0},
+                {**throughput("meshpy", 50000.0), "rps_min": 45000.0, "rps_max": 52000.0},
+                {"system": "nginx", "rounds_ok": 0, "n/a": "no HTTP/2"},
+            ],
+        }
+        for label in ("HTTP/1.1 100 B", "HTTP/2 100 B")
+    ]
+    added = {"p50": 100.0, "p90": 200.0, "p99": 300.0, "p99.9": -50.0}
+    latency = [
+        {
+            "label": label,
+            "systems": [
+                {"system": "direct", "rounds_ok": 1, "latency_us_added": dict.fromkeys(added, 0)},
+                {"system": "meshpy", "rounds_ok": 1, "latency_us_added": added},
+            ],
+        }
+        for label in ("1,000 req/s", "50% of nginx")
+    ]
+    summary = {"throughput": blocks, "latency": latency}
+    return {"shared": {"summary": summary}, "isolated": {"summary": summary}}
+
+
+def test_chart_rows_leave_out_na_and_direct_latency() -> None:
+    modes = chart_modes()
+    rows = suite.throughput_rows(modes)
+    assert len(rows) == 2 * 2 * 2  # modes x configs x (direct, meshpy); nginx is n/a
+    latency = suite.latency_rows(modes)
+    assert {r["system"] for r in latency} == {"meshpy"}
+    assert latency[0]["added_ms"]["p99"] == 0.3
+
+
+def test_charts_are_written(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    written = suite.write_charts(tmp_path, chart_modes())
+    assert [Path(p).name for p in written] == ["suite-throughput.png", "suite-latency.png"]
+    for path in written:
+        assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_charts_are_skipped_without_matplotlib(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(chart, "available", lambda: False)
+    assert suite.write_charts(tmp_path, chart_modes()) == []
+    assert "pip install matplotlib" in capsys.readouterr().out
+    assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- a tiny real run
+
+
+@pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in TOOLS), reason="nginx/haproxy/wrk/h2load missing"
+)
+def test_tiny_real_run_of_one_short_configuration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """direct and HAProxy, HTTP/1.1 and HTTP/2, 1 s each; HAProxy's HTTP/2 check is made to
+    fail, so that configuration is n/a with the reason, and the run still succeeds."""
+    if peers.meshpy_info() is None:
+        pytest.skip("meshpy is not importable")
+    checked: list[int] = []
+    real_check_h2 = suite.check_h2
+
+    def check_h2_failing_for_the_second(port: int, path: str) -> None:
+        checked.append(port)
+        if len(checked) == 2:
+            raise peers.PeerError("no h2c here (test)")
+        real_check_h2(port, path)
+
+    monkeypatch.setattr(suite, "check_h2", check_h2_failing_for_the_second)
+    argv = [
+        "--only",
+        "throughput",
+        "--modes",
+        "shared",
+        "--systems",
+        "direct,haproxy",
+        "--configs",
+        "h1-100B,h2-100B",
+        "--rounds",
+        "1",
+        "--duration",
+        "1",
+        "--warmup",
+        "0",
+        "--no-install",
+        "--out-dir",
+        str(tmp_path),
+        "--charts-dir",
+        str(tmp_path),
+    ]
+    assert suite.main(argv) == 0
+    (out,) = tmp_path.glob("suite-*.json")
+    document = json.loads(out.read_text())
+    blocks = document["modes"]["shared"]["summary"]["throughput"]
+    assert [b["config"] for b in blocks] == ["h1-100B", "h2-100B"]
+    h2_haproxy = blocks[1]["systems"][1]
+    assert h2_haproxy["system"] == "haproxy" and "no h2c here" in h2_haproxy["n/a"]
+    for s in blocks[0]["systems"] + blocks[1]["systems"][:1]:
+        assert s["rounds_ok"] == 1 and s["rps_median"] > 0, s
+        assert s["cpu_us_per_req_median"] is not None
+    assert document["command"].startswith("python -m bench suite --only throughput")
+    assert any("mTLS" in t["target"] and t["met"] is None for t in document["targets"])
