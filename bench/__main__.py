@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import filters, harness, load, mesh, peers, report, suite
+from bench import churn, filters, harness, load, memory, mesh, peers, report, suite
 from bench.harness import describe_meshpy, measure, start_service
 from bench.report import SystemRuns
 
@@ -25,7 +25,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Other scenarios: `python -m bench filters` measures meshpy routes with Python "
         "filters against mitmproxy (see `python -m bench filters --help`); `python -m bench "
         "mesh` measures one and two sidecars, plaintext and mTLS between them, and new mTLS "
-        "handshakes per second (see `python -m bench mesh --help`); `python -m bench suite` "
+        "handshakes per second (see `python -m bench mesh --help`); `python -m bench memory` "
+        "measures RSS idle, per idle connection, under load and over a soak; `python -m bench "
+        "churn` new connections and mTLS handshakes per second; `python -m bench suite` "
         "runs every scenario in interleaved rounds, in shared and isolated CPU modes, with "
         "medians, spreads, the issue's targets as a checklist and PNG charts (see `python -m "
         "bench suite --help`).",
@@ -180,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
         return mesh.main(argv[1:])
     if argv[:1] == ["suite"]:
         return suite.main(argv[1:])
+    if argv[:1] == ["memory"]:
+        return memory.main(argv[1:])
+    if argv[:1] == ["churn"]:
+        return churn.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
     harness.handle_signals()
