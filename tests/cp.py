@@ -2,14 +2,16 @@
 
     with ControlPlaneProcess() as cp:
         cp.admin().apply([...])             # AdminClient with the admin token
+        cp.apply("kind: Service ...")       # YAML text or resource dicts, through the same
+        cp.request("GET", "/v1/services")   # any admin API call: the decoded answer
         cp.http().get("/v1/health")         # plain httpx, trusting the mesh CA
         cp.meshpy("get", "services")        # the CLI, pointed at this control plane
         cp.kill(); cp.restart()             # same data dir, same port
 
 Extra arguments go to `meshpy control-plane` as given (``"--store", "etcd://..."``,
 ``"--ca", DIR``, ``"--cert-ttl", "1m"``, ``"--lease-ttl", "2s"``, ``"--name", "a"``).
-Without `data_dir` a temporary one is used, deleted on exit with the logs; a given one is kept
-(several replicas over one etcd each need their own).
+Without `data_dir` a temporary one is used, deleted on exit (or `close()`) with the logs; a given
+one is kept (several replicas over one etcd each need their own).
 """
 
 from __future__ import annotations
@@ -23,10 +25,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping
+from contextlib import closing
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
+import yaml
 
 from meshpy.controlplane.client import AdminClient
 
@@ -60,7 +66,19 @@ class ControlPlaneProcess:
     # -- lifecycle
 
     def start(self) -> ControlPlaneProcess:
+        """Start (again: on the port of the previous run) and wait until it serves."""
+        self.spawn()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def spawn(self) -> None:
+        """Start the process without waiting for it (`wait_ready()` does): replicas side by side."""
         self._starts += 1
+        self.url = ""
         self.stdout_path = self._workdir / f"control-plane.{self._starts}.stdout"
         self.stderr_path = self._workdir / f"control-plane.{self._starts}.stderr"
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
@@ -79,14 +97,8 @@ class ControlPlaneProcess:
                 stdout=out,
                 stderr=err,
             )
-        try:
-            self._wait_ready()
-        except BaseException:
-            self.kill()
-            raise
-        return self
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while not self.url:
             self._check_alive(deadline)
@@ -145,10 +157,14 @@ class ControlPlaneProcess:
             self._proc.wait()
         self._proc = None
 
+    def send_signal(self, signum: int) -> None:
+        """Send `signum` and return at once (SIGSTOP, SIGCONT: a hung host and its recovery)."""
+        assert self._proc is not None
+        self._proc.send_signal(signum)
+
     def restart(self) -> ControlPlaneProcess:
         """Stop it if it runs (SIGTERM), then start again on the same data dir and port."""
         self.stop()
-        self.url = ""
         return self.start()
 
     @property
@@ -167,6 +183,10 @@ class ControlPlaneProcess:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop it if it runs (SIGTERM) and delete the logs (and the data dir if temporary)."""
         self.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)
 
@@ -195,6 +215,33 @@ class ControlPlaneProcess:
 
     def admin(self) -> AdminClient:
         return AdminClient(self.url, self.admin_token, self.ca_bundle)
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """An admin API call; the decoded answer (raises `ClientError` on an error status)."""
+        with closing(self.admin()) as admin:
+            return admin.request(method, path, body)
+
+    def apply(self, *resources: str | Mapping[str, Any]) -> list[dict[str, Any]]:
+        """Apply resources, each given as a dict or as YAML text (one or more documents)."""
+        listed: list[Any] = []
+        for item in resources:
+            if isinstance(item, str):
+                listed.extend(doc for doc in yaml.safe_load_all(item) if doc)
+            else:
+                listed.append(item)
+        with closing(self.admin()) as admin:
+            return admin.apply(listed)
+
+    def token(self, service: str, namespace: str, ttl: str | None = None) -> str:
+        """A join token for `service` (the control plane's default TTL unless `ttl` is given)."""
+        body = {"service": service, "namespace": namespace}
+        if ttl is not None:
+            body["ttl"] = ttl
+        return self.request("POST", "/v1/tokens", body)["token"]
+
+    def sidecars(self) -> list[dict[str, Any]]:
+        with closing(self.admin()) as admin:
+            return admin.sidecars()
 
     @property
     def env(self) -> dict[str, str]:

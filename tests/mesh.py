@@ -30,22 +30,23 @@ from typing import Any
 
 import httpx
 import yaml
+from cp import ControlPlaneProcess
 from cryptography import x509
 from helpers import Metrics, eventually
 
 __all__ = [
-    "ControlPlaneProcess",
     "EchoApp",
     "Mesh",
+    "Process",
     "ShopApp",
     "SidecarProcess",
     "Traffic",
+    "bootstrap",
     "free_port",
     "meshpy",
 ]
 
 READY_TIMEOUT = 20.0  # seconds a process may take to print its ready line
-CP_READY = re.compile(r"meshpy control plane ready: (https://\S+)")
 PROXY_READY = "meshpy proxy ready:"
 SHOP_READY = re.compile(r"meshpy shop: \S+ listening on (\S+)")
 
@@ -61,12 +62,37 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def bootstrap(
+    url: str | list[str],
+    ca_bundle: Path,
+    token_file: str,
+    service: str,
+    namespace: str,
+    app: str,
+    state_dir: str,
+) -> str:
+    """The YAML of a sidecar's bootstrap file (`meshpy proxy -c FILE`), every listener on an
+    ephemeral loopback port; `url` is one control plane or several replicas, tried in order."""
+    return yaml.safe_dump(
+        {
+            "control_plane": {"url": url, "ca_bundle": str(ca_bundle), "token_file": token_file},
+            "service": service,
+            "namespace": namespace,
+            "app": app,
+            "inbound": {"listen": "127.0.0.1:0"},
+            "outbound": {"listen": "127.0.0.1:0"},
+            "admin": {"listen": "127.0.0.1:0"},
+            "state_dir": state_dir,
+        }
+    )
+
+
 def _address(value: str) -> str:
     host, _, port = value.rpartition(":")
     return f"{host.strip('[]')}:{int(port)}"
 
 
-class _Process:
+class Process:
     """A subprocess whose stdout is read on a thread (so it never blocks on a full pipe) and
     whose stderr goes to a file, shown when it fails to start."""
 
@@ -134,92 +160,6 @@ class _Process:
         return self.proc.wait(10)
 
 
-class ControlPlaneProcess:
-    """`meshpy control-plane` on loopback with its own data dir; restartable on the same port."""
-
-    def __init__(self, data_dir: Path, workdir: Path, args: tuple[str, ...] = ()) -> None:
-        self.data_dir = data_dir
-        self.workdir = workdir
-        self.args = args
-        self.url = ""
-        self.process: _Process | None = None
-        self.start("127.0.0.1:0")
-
-    def start(self, listen: str | None = None) -> None:
-        """Start (again): by default on the port of the previous run, with the same data."""
-        listen = listen or self.url.removeprefix("https://")
-        self.process = _Process(
-            "control-plane",
-            meshpy("control-plane", "--listen", listen, "--data-dir", str(self.data_dir),
-                   *self.args),
-            self.workdir,
-            {},
-        )  # fmt: skip
-        self.url = self.process.wait_line(lambda line: (m := CP_READY.search(line)) and m[1])
-
-    @property
-    def ca_bundle(self) -> Path:
-        return self.data_dir / "bundle.pem"
-
-    @property
-    def admin_token(self) -> str:
-        return (self.data_dir / "admin-token").read_text().strip()
-
-    @property
-    def env(self) -> dict[str, str]:
-        """What `meshpy apply/get/status/token` read to reach this control plane."""
-        return {
-            "MESHPY_SERVER": self.url,
-            "MESHPY_CA": str(self.ca_bundle),
-            "MESHPY_TOKEN_FILE": str(self.data_dir / "admin-token"),
-        }
-
-    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """Run a `meshpy` client command against this control plane."""
-        return subprocess.run(
-            meshpy(*args),
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=30,
-            cwd=self.workdir,
-        )
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """An admin API call; the decoded answer (fails on an error status)."""
-        tls = ssl.create_default_context(cafile=self.ca_bundle)
-        with httpx.Client(verify=tls, trust_env=False, timeout=10) as client:
-            response = client.request(
-                method,
-                self.url + path,
-                json=body,
-                headers={"Authorization": f"Bearer {self.admin_token}"},
-            )
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    def apply(self, text: str) -> list[dict[str, Any]]:
-        """Apply resources written as a multi-document YAML file would hold them."""
-        resources = [doc for doc in yaml.safe_load_all(text) if doc]
-        return self.request("POST", "/v1/apply", {"resources": resources})
-
-    def token(self, service: str, namespace: str) -> str:
-        return self.request("POST", "/v1/tokens", {"service": service, "namespace": namespace})[
-            "token"
-        ]
-
-    def sidecars(self) -> list[dict[str, Any]]:
-        return self.request("GET", "/v1/sidecars")
-
-    def kill(self) -> None:
-        assert self.process is not None
-        self.process.kill()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.terminate()
-
-
 class SidecarProcess:
     """`meshpy proxy -c FILE` for a bootstrap FILE naming the control plane."""
 
@@ -241,30 +181,17 @@ class SidecarProcess:
         token_file = workdir / f"{name}.token"
         token_file.write_text(token + "\n")
         self.bootstrap.write_text(
-            yaml.safe_dump(
-                {
-                    "control_plane": {
-                        "url": cp.url,
-                        "ca_bundle": str(cp.ca_bundle),
-                        "token_file": token_file.name,
-                    },
-                    "service": service,
-                    "namespace": namespace,
-                    "app": app,
-                    "inbound": {"listen": "127.0.0.1:0"},
-                    "outbound": {"listen": "127.0.0.1:0"},
-                    "admin": {"listen": "127.0.0.1:0"},
-                    "state_dir": f"state/{name}",
-                }
+            bootstrap(
+                cp.url, cp.ca_bundle, token_file.name, service, namespace, app, f"state/{name}"
             )
         )
-        self.process: _Process | None = None
+        self.process: Process | None = None
         self.addresses: dict[str, str] = {}
         self.start()
 
     def start(self) -> None:
         """Start (again, on the same state_dir) and wait until admin /ready answers 200."""
-        self.process = _Process(
+        self.process = Process(
             f"sidecar-{self.name}", meshpy("proxy", "-c", str(self.bootstrap)), self.workdir, {}
         )
         ready = self.process.wait_line(lambda line: line.startswith(PROXY_READY) and line)
@@ -354,7 +281,7 @@ class ShopApp:
         argv = [sys.executable, "-m", "meshpy.shop", service, "--listen", listen]
         if outbound:
             argv += ["--outbound", outbound]
-        self.process = _Process(f"shop-{service}-{listen.rpartition(':')[2]}", argv, workdir, {})
+        self.process = Process(f"shop-{service}-{listen.rpartition(':')[2]}", argv, workdir, {})
         self.address = _address(
             self.process.wait_line(lambda line: (m := SHOP_READY.search(line)) and m[1])
         )
@@ -456,7 +383,8 @@ class Mesh:
         self._lock = threading.Lock()
 
     def control_plane(self, *args: str) -> ControlPlaneProcess:
-        self.cp = ControlPlaneProcess(self.workdir / "cp-data", self.workdir, args)
+        """A started control plane (`tests/cp.py`) with its data in the work directory."""
+        self.cp = ControlPlaneProcess(*args, data_dir=self.workdir / "cp-data").start()
         return self.cp
 
     def token(self, service: str) -> str:
@@ -496,11 +424,10 @@ class Mesh:
 
     def logs(self) -> str:
         """The stderr tails of the control plane and every sidecar (for a failed test)."""
-        processes = [s.process for s in self.sidecars]
-        processes.append(self.cp.process if self.cp else None)
-        return "".join(
-            f"\n--- {p.name} stderr (tail) ---\n{p.stderr()[-3000:]}" for p in processes if p
-        )
+        stderrs = [(s.process.name, s.process.stderr()) for s in self.sidecars if s.process]
+        if self.cp is not None:
+            stderrs.append(("control-plane", self.cp.stderr()))
+        return "".join(f"\n--- {name} stderr (tail) ---\n{text[-3000:]}" for name, text in stderrs)
 
     def close(self) -> None:
         """Stop everything and remove the work directory."""
@@ -509,6 +436,7 @@ class Mesh:
                 sidecar.kill()
         for app in self.apps:
             app.stop()
-        if self.cp is not None and self.cp.process is not None:
+        if self.cp is not None:
             self.cp.kill()
+            self.cp.close()  # its logs
         shutil.rmtree(self.workdir, ignore_errors=True)

@@ -15,9 +15,7 @@ import secrets
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -31,147 +29,66 @@ import httpx
 import psutil
 import pytest
 import yaml
+from cp import ControlPlaneProcess
 from etcd_cluster import EtcdCluster, require_etcd
 from helpers import eventually
+from mesh import Process, Traffic, bootstrap, meshpy
 
-from meshpy.controlplane.client import AdminClient, Unreachable, WorkloadClient
+from meshpy.controlplane.client import Unreachable, WorkloadClient
 
 NAMESPACE = "shop"
 LEASE_TTL = 2.0  # seconds; what the replicas grant each sidecar's endpoint
-READY_TIMEOUT = 20.0
-CP_READY = re.compile(r"meshpy control plane ready: (https://\S+)")
 PROXY_READY = re.compile(r"meshpy proxy ready: (.*)")
 
 
-def _meshpy(*args: str) -> list[str]:
-    return [sys.executable, "-m", "meshpy", *args]
-
-
-class _Process:
-    """A subprocess whose stdout and stderr go to files in `workdir`."""
-
-    def __init__(self, name: str, argv: list[str], workdir: Path) -> None:
-        self.name = name
-        self.stdout_path = workdir / f"{name}.stdout"
-        self.stderr_path = workdir / f"{name}.stderr"
-        with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(argv, stdout=out, stderr=err)
-
-    def wait_line(self, pattern: re.Pattern[str]) -> re.Match[str]:
-        deadline = time.monotonic() + READY_TIMEOUT
-        while True:
-            match = pattern.search(self.stdout_path.read_text(errors="replace"))
-            if match:
-                return match
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"{self.name} not ready (exit code {self.proc.poll()}):\n"
-                    + self.stderr_path.read_text(errors="replace")[-3000:]
-                )
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait()
-
-
-class Replica:
-    """One ``meshpy control-plane`` over the shared etcd, CA and admin token."""
-
-    def __init__(self, name: str, workdir: Path, store: str, ca: Path, token_file: Path) -> None:
-        self.name = name
-        self.ca_bundle = ca / "bundle.pem"
-        self.token = token_file.read_text().strip()
-        argv = _meshpy(
-            "control-plane",
-            "--store", store,
-            "--listen", "127.0.0.1:0",
-            "--data-dir", str(workdir / f"data-{name}"),
-            "--ca", str(ca),
-            "--admin-token-file", str(token_file),
-            "--lease-ttl", f"{LEASE_TTL:g}s",
-            "--name", name,
-        )  # fmt: skip
-        self.process = _Process(name, argv, workdir)
-        self.url = ""
-
-    def wait_ready(self) -> None:
-        self.url = self.process.wait_line(CP_READY).group(1)
-        # The URL is printed once the socket listens; the store connects in the app's lifespan.
-        with self.http() as client:
-            eventually(lambda: client.get("/v1/health").status_code == 200, READY_TIMEOUT)
-
-    def http(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url,
-            verify=ssl.create_default_context(cafile=str(self.ca_bundle)),
-            headers={"authorization": f"Bearer {self.token}"},
-            timeout=5.0,
-        )
-
-    def admin(self) -> AdminClient:
-        return AdminClient(self.url, self.token, self.ca_bundle)
-
-    def get(self, path: str) -> Any:
-        with self.http() as client:
-            reply = client.get(path)
-            reply.raise_for_status()
-            return reply.json()
-
-    def apply(self, *resources: dict[str, Any]) -> list[dict[str, Any]]:
-        admin = self.admin()
-        try:
-            return admin.apply(list(resources))
-        finally:
-            admin.close()
+def _replica(
+    name: str, workdir: Path, store: str, ca: Path, token_file: Path
+) -> ControlPlaneProcess:
+    """One ``meshpy control-plane`` over the shared etcd, CA and admin token (not started)."""
+    return ControlPlaneProcess(
+        "--store", store,
+        "--ca", str(ca),
+        "--admin-token-file", str(token_file),
+        "--lease-ttl", f"{LEASE_TTL:g}s",
+        "--name", name,
+        data_dir=workdir / f"data-{name}",
+    )  # fmt: skip
 
 
 class Sidecar:
     """``meshpy proxy -c FILE`` whose bootstrap names every replica."""
 
     def __init__(
-        self, name: str, service: str, workdir: Path, replicas: list[Replica], app: str
+        self,
+        name: str,
+        service: str,
+        workdir: Path,
+        replicas: list[ControlPlaneProcess],
+        app: str,
     ) -> None:
         self.name = name
         self.service = service
         self.state_dir = workdir / "state" / name
-        token = replicas[0].admin().create_token(service, NAMESPACE, "10m")["token"]
+        token = replicas[0].token(service, NAMESPACE, "10m")
         token_file = workdir / f"{name}.token"
         token_file.write_text(token + "\n")
-        bootstrap = workdir / f"{name}.yaml"
-        bootstrap.write_text(
-            yaml.safe_dump(
-                {
-                    "control_plane": {
-                        "url": [replica.url for replica in replicas],
-                        "ca_bundle": str(replicas[0].ca_bundle),
-                        "token_file": str(token_file),
-                    },
-                    "service": service,
-                    "namespace": NAMESPACE,
-                    "app": app,
-                    "inbound": {"listen": "127.0.0.1:0"},
-                    "outbound": {"listen": "127.0.0.1:0"},
-                    "admin": {"listen": "127.0.0.1:0"},
-                    "state_dir": str(self.state_dir),
-                }
+        bootstrap_file = workdir / f"{name}.yaml"
+        bootstrap_file.write_text(
+            bootstrap(
+                [replica.url for replica in replicas],
+                replicas[0].ca_bundle,
+                str(token_file),
+                service,
+                NAMESPACE,
+                app,
+                str(self.state_dir),
             )
         )
-        self.process = _Process(name, _meshpy("proxy", "-c", str(bootstrap)), workdir)
+        self.process = Process(name, meshpy("proxy", "-c", str(bootstrap_file)), workdir, {})
         self.addresses: dict[str, str] = {}
 
     def wait_ready(self) -> None:
-        line = self.process.wait_line(PROXY_READY).group(1)
+        line = self.process.wait_line(lambda text: (m := PROXY_READY.search(text)) and m[1])
         self.addresses = dict(item.split("=", 1) for item in line.split())
 
     @property
@@ -183,7 +100,7 @@ class Sidecar:
         config = yaml.safe_load((self.state_dir / "sidecar.yaml").read_text())
         return {cluster["name"]: cluster["endpoints"] for cluster in config["clusters"]}
 
-    def connected_to(self, replica: Replica) -> bool:
+    def connected_to(self, replica: ControlPlaneProcess) -> bool:
         """Whether the agent holds a TCP connection to `replica` (its long-poll)."""
         port = int(replica.url.rsplit(":", 1)[1])
         connections = psutil.Process(self.process.proc.pid).net_connections(kind="tcp")
@@ -201,36 +118,6 @@ class _App(BaseHTTPRequestHandler):
         pass  # one line per request would drown the test output
 
 
-class Traffic:
-    """Requests in a loop through a sidecar's outbound, counting every answer that is not 200."""
-
-    def __init__(self, outbound: str, host: str) -> None:
-        self.url = f"http://{outbound}/health"
-        self.host = host
-        self.ok = 0
-        self.failures: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        with httpx.Client(trust_env=False, timeout=5.0) as client:
-            while not self._stop.is_set():
-                try:
-                    reply = client.get(self.url, headers={"host": self.host})
-                    if reply.status_code == 200:
-                        self.ok += 1
-                    else:
-                        self.failures.append(f"{reply.status_code} {reply.text[:100]}")
-                except httpx.HTTPError as exc:
-                    self.failures.append(f"{type(exc).__name__}: {exc}")
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def _service(name: str) -> dict[str, Any]:
     return {"kind": "Service", "metadata": {"name": name, "namespace": NAMESPACE}, "spec": {}}
 
@@ -242,7 +129,7 @@ class HaMesh:
         require_etcd()
         self.workdir = Path(tempfile.mkdtemp(prefix="meshpy-ha-"))
         self.etcd = EtcdCluster(3)
-        self.replicas: dict[str, Replica] = {}
+        self.replicas: dict[str, ControlPlaneProcess] = {}
         self.sidecars: dict[str, Sidecar] = {}
         self.apps: list[ThreadingHTTPServer] = []
         self._markers = 0
@@ -251,14 +138,16 @@ class HaMesh:
         self.etcd.start()
         ca = self.workdir / "ca"
         subprocess.run(
-            _meshpy("ca", "init", "--trust-domain", "mesh.test", str(ca)),
+            meshpy("ca", "init", "--trust-domain", "mesh.test", str(ca)),
             check=True,
             capture_output=True,
         )
         token_file = self.workdir / "admin-token"
         token_file.write_text(secrets.token_urlsafe(32) + "\n")
         for name in ("cp-a", "cp-b"):
-            self.replicas[name] = Replica(name, self.workdir, self.etcd.url, ca, token_file)
+            self.replicas[name] = _replica(name, self.workdir, self.etcd.url, ca, token_file)
+        for replica in self.replicas.values():  # side by side, then both waited for
+            replica.spawn()
         for replica in self.replicas.values():
             replica.wait_ready()
         self.a.apply(
@@ -283,11 +172,11 @@ class HaMesh:
         eventually(lambda: bool(checkout.clusters().get(f"payments.{NAMESPACE}")), timeout=10)
 
     @property
-    def a(self) -> Replica:
+    def a(self) -> ControlPlaneProcess:
         return self.replicas["cp-a"]
 
     @property
-    def b(self) -> Replica:
+    def b(self) -> ControlPlaneProcess:
         return self.replicas["cp-b"]
 
     def sidecar(self, name: str, service: str) -> Sidecar:
@@ -312,9 +201,9 @@ class HaMesh:
 
     def close(self) -> None:
         for sidecar in self.sidecars.values():
-            sidecar.process.stop()
+            sidecar.process.terminate()
         for replica in self.replicas.values():
-            replica.process.stop()
+            replica.close()
         for app in self.apps:
             app.shutdown()
             app.server_close()
@@ -332,7 +221,9 @@ def mesh() -> Iterator[HaMesh]:
         mesh.close()
 
 
-def _time_until_seen(mesh: HaMesh, replica: Replica, sidecars: list[Sidecar]) -> tuple[str, float]:
+def _time_until_seen(
+    mesh: HaMesh, replica: ControlPlaneProcess, sidecars: list[Sidecar]
+) -> tuple[str, float]:
     """Apply a new Service through `replica`: its name, and the seconds until every sidecar in
     `sidecars` runs a config that has it."""
     marker = mesh.marker()
@@ -343,9 +234,9 @@ def _time_until_seen(mesh: HaMesh, replica: Replica, sidecars: list[Sidecar]) ->
     return marker, time.monotonic() - applied
 
 
-def _in_sync(replica: Replica, sidecars: list[Sidecar]) -> bool:
+def _in_sync(replica: ControlPlaneProcess, sidecars: list[Sidecar]) -> bool:
     """Whether `replica` lists every one of `sidecars` as running the latest config."""
-    shown = {record["id"]: record for record in replica.get("/v1/sidecars")}
+    shown = {record["id"]: record for record in replica.sidecars()}
     return all(shown.get(s.sidecar_id, {}).get("in_sync") for s in sidecars)
 
 
@@ -384,7 +275,9 @@ def _make_leader(cluster: EtcdCluster, index: int) -> None:
 
 def test_a_resource_applied_through_one_replica_is_served_by_the_other(mesh: HaMesh) -> None:
     [applied] = mesh.a.apply(_service("inventory"))
-    shown = {service["metadata"]["name"]: service for service in mesh.b.get("/v1/services")}
+    shown = {
+        service["metadata"]["name"]: service for service in mesh.b.request("GET", "/v1/services")
+    }
     assert {"payments", "checkout", "ledger", "inventory"} <= shown.keys()
     # The same etcd revision, not a copy: B shows the version A's write was given.
     assert shown["inventory"]["metadata"]["version"] == applied["version"]
@@ -403,8 +296,8 @@ def test_a_killed_sidecar_s_endpoint_expires_with_its_etcd_lease(mesh: HaMesh) -
     ledger.wait_ready()
     key = f"/meshpy/endpoints/{NAMESPACE}/ledger/{ledger.sidecar_id}"
 
-    def registered(replica: Replica) -> bool:
-        return any(e["service"] == "ledger" for e in replica.get("/v1/endpoints"))
+    def registered(replica: ControlPlaneProcess) -> bool:
+        return any(e["service"] == "ledger" for e in replica.request("GET", "/v1/endpoints"))
 
     eventually(lambda: registered(mesh.a) and registered(mesh.b), timeout=5)
     member = mesh.etcd.endpoints[0]
@@ -431,13 +324,13 @@ def test_a_hung_replica_a_does_not_let_the_sidecars_leases_expire(mesh: HaMesh) 
     checkout, payments = mesh.sidecars["checkout"], mesh.sidecars["payments"]
 
     def registered() -> set[str]:
-        return {e["service"] for e in mesh.b.get("/v1/endpoints")}
+        return {e["service"] for e in mesh.b.request("GET", "/v1/endpoints")}
 
     eventually(lambda: registered() == {"checkout", "payments"}, timeout=5)
-    traffic = Traffic(checkout.addresses["outbound"], "payments")
+    traffic = Traffic(f"http://{checkout.addresses['outbound']}/health", "payments")
     try:
         eventually(lambda: traffic.ok > 20, timeout=5)
-        mesh.a.process.proc.send_signal(signal.SIGSTOP)
+        mesh.a.send_signal(signal.SIGSTOP)
         frozen = time.monotonic()
         while time.monotonic() - frozen < 2 * LEASE_TTL + 1:
             listed = registered()
@@ -445,17 +338,17 @@ def test_a_hung_replica_a_does_not_let_the_sidecars_leases_expire(mesh: HaMesh) 
             time.sleep(0.1)
         assert checkout.connected_to(mesh.b) and payments.connected_to(mesh.b)
     finally:
-        mesh.a.process.proc.send_signal(signal.SIGCONT)
+        mesh.a.send_signal(signal.SIGCONT)
         traffic.stop()
     assert traffic.failures == [], traffic.failures[:5]
 
 
 def test_killing_replica_a_under_traffic_fails_no_request(mesh: HaMesh) -> None:
     checkout, payments = mesh.sidecars["checkout"], mesh.sidecars["payments"]
-    traffic = Traffic(checkout.addresses["outbound"], "payments")
+    traffic = Traffic(f"http://{checkout.addresses['outbound']}/health", "payments")
     try:
         eventually(lambda: traffic.ok > 20, timeout=5)
-        mesh.a.process.kill()
+        mesh.a.kill()
         killed = time.monotonic()
 
         # Reports (every second) renew the same etcd lease through B: nothing re-registers.
@@ -483,7 +376,9 @@ def test_the_control_plane_survives_losing_an_etcd_member(mesh: HaMesh) -> None:
     marker, elapsed = _time_until_seen(mesh, mesh.b, sidecars)
     print(f"with an etcd member down, a change through B reached the sidecars in {elapsed:.2f} s")
     assert elapsed < 3.0
-    assert marker in {service["metadata"]["name"] for service in mesh.b.get("/v1/services")}
+    assert marker in {
+        service["metadata"]["name"] for service in mesh.b.request("GET", "/v1/services")
+    }
     eventually(lambda: _in_sync(mesh.b, sidecars), timeout=3)
     # Their leases are kept alive through the surviving members.
     time.sleep(LEASE_TTL + 0.5)

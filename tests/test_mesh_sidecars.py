@@ -15,8 +15,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from cp import ControlPlaneProcess
 from helpers import eventually
-from mesh import ControlPlaneProcess, Mesh, ShopApp, SidecarProcess, Traffic
+from mesh import Mesh, ShopApp, SidecarProcess, Traffic
 
 NS = "shop"
 TRUST = "spiffe://mesh.local/ns/shop/sa"
@@ -72,7 +73,7 @@ def time_until(check: Callable[[], bool], timeout: float) -> float:
 
 
 def status_json(cp: ControlPlaneProcess) -> list[dict]:
-    result = cp.cli("status", "-o", "json")
+    result = cp.meshpy("status", "-o", "json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
 
@@ -202,7 +203,7 @@ def test_route_change_reaches_every_sidecar_within_a_second(shop: Shop) -> None:
 def test_status_shows_versions_and_a_refused_filter(shop: Shop) -> None:
     ids = {name: (s.state_dir / "id").read_text().strip() for name, s in shop.sidecars.items()}
     eventually(lambda: all_in_sync(shop.cp, len(ids)), timeout=5)
-    table = shop.cp.cli("status")
+    table = shop.cp.meshpy("status")
     assert table.returncode == 0, table.stderr
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:]}
     assert set(rows) == set(ids.values())
@@ -227,7 +228,7 @@ spec: {service: payments, filters: [{plugins.no_such_module:Nothing: {}}]}
         record = eventually(payments_refused, timeout=5)
         assert "no_such_module" in record["error"]
         assert record["version"] == version  # the version it still runs
-        table = shop.cp.cli("status")
+        table = shop.cp.meshpy("status")
         row = next(line.split() for line in table.stdout.splitlines() if ids["payments"] in line)
         assert row[3:5] == [str(version), "ERROR"]
         assert "no_such_module" in table.stderr
@@ -241,6 +242,21 @@ spec: {service: payments, filters: [{plugins.no_such_module:Nothing: {}}]}
 
 
 # --- meshes of their own ------------------------------------------------------------------------
+
+
+def checkout_and_payments(
+    mesh: Mesh, *cp_args: str
+) -> tuple[ControlPlaneProcess, SidecarProcess, SidecarProcess]:
+    """A control plane started with `cp_args`, the shop's services, and echo apps behind the
+    sidecars of checkout and payments once checkout knows payments' endpoint."""
+    cp = mesh.control_plane(*cp_args)
+    cp.apply(SERVICES)
+    with ThreadPoolExecutor(2) as pool:
+        caller = pool.submit(mesh.echo, "checkout", "checkout")
+        payments = pool.submit(mesh.echo, "payments", "payments-a").result()[1]
+        checkout = caller.result()[1]
+    eventually(lambda: checkout.endpoints("payments", NS) == [payments.inbound])
+    return cp, checkout, payments
 
 
 def test_discovery_balances_and_forgets_dead_instances(mesh: Mesh) -> None:
@@ -285,13 +301,7 @@ def test_discovery_balances_and_forgets_dead_instances(mesh: Mesh) -> None:
 
 
 def test_traffic_survives_the_control_plane(mesh: Mesh) -> None:
-    cp = mesh.control_plane()
-    cp.apply(SERVICES)
-    with ThreadPoolExecutor(2) as pool:
-        caller = pool.submit(mesh.echo, "checkout", "checkout")
-        payments = pool.submit(mesh.echo, "payments", "payments-a").result()[1]
-        checkout = caller.result()[1]
-    eventually(lambda: checkout.endpoints("payments", NS) == [payments.inbound])
+    cp, checkout, _ = checkout_and_payments(mesh)
 
     traffic = Traffic(checkout.outbound_url + "/pay", "payments")
     cp.kill()
@@ -332,13 +342,7 @@ spec:
 
 
 def test_certificates_are_renewed_without_dropping_requests(mesh: Mesh) -> None:
-    cp = mesh.control_plane("--cert-ttl", "3s")
-    cp.apply(SERVICES)
-    with ThreadPoolExecutor(2) as pool:
-        caller = pool.submit(mesh.echo, "checkout", "checkout")
-        payments = pool.submit(mesh.echo, "payments", "payments-a").result()[1]
-        checkout = caller.result()[1]
-    eventually(lambda: checkout.endpoints("payments", NS) == [payments.inbound])
+    _, checkout, payments = checkout_and_payments(mesh, "--cert-ttl", "3s")
 
     first = payments.cert_serial()
     serials: dict[str, set[int]] = {"checkout": set(), "payments": set()}
