@@ -29,7 +29,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "measures RSS idle, per idle connection, under load and over a soak; `python -m bench "
         "churn` new connections and mTLS handshakes per second; `python -m bench suite` "
         "runs every scenario in interleaved rounds, in shared and isolated CPU modes, with "
-        "medians, spreads, the issue's targets as a checklist and PNG charts (see `python -m "
+        "medians, spreads, the performance targets as a checklist and PNG charts (see `python -m "
         "bench suite --help`).",
     )
     parser.add_argument(

@@ -12,7 +12,7 @@ Two measurements, both about the cost of a connection rather than of a request:
   (``bench.mesh.measure_handshakes``: full TLS 1.3 handshake with a client certificate, no
   resumption, then a close). Twice per round: unpinned, and with the sidecar pinned to
   ``--handshake-proxy-cpu`` (default 1) and openssl to ``--handshake-load-cpu`` (default 0), the
-  issue's "one core" setting (target >= 3,000 handshakes/s). With openssl on the other core the
+  "one core" setting of the target (>= 3,000 handshakes/s). With openssl on the other core the
   clients themselves may be the limit, so ``one-core capacity`` (1 s / the sidecar's CPU per
   handshake) is reported too: what one core fully spent on handshakes would do.
 """
@@ -191,7 +191,7 @@ def summarize_handshakes(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def handshake_target(handshakes: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The issue's target, judged twice: on the rate measured with the sidecar pinned to one
+    """The handshake target, judged twice: on the rate measured with the sidecar pinned to one
     core (bounded by openssl on the other core, too) and on the one-core capacity from CPU."""
     pinned = handshakes.get(PINNED, {})
     measured = pinned.get("handshakes_per_s_median")

@@ -441,7 +441,7 @@ def summarize_fixed_rate(runs: list[SystemRuns]) -> list[dict[str, Any]]:
 
 
 def targets(saturation: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The issue's two throughput targets for the plain (sync) filter, met or not."""
+    """The two throughput targets of the plain (sync) filter, met or not."""
     by_name = {s["system"]: s for s in saturation}
     sync = by_name.get(SYNC, {})
     checks = [

@@ -476,7 +476,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
 
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The issue's three targets for the meshpy sidecar, each met, not met, or not measured."""
+    """The three memory targets of the meshpy sidecar, each met, not met, or not measured."""
     meshpy = next((s for s in results["systems"] if s["system"] == "meshpy"), {})
     idle = meshpy.get("idle_rss_kb")
     per_connection = meshpy.get("idle_connections", {}).get("kb_per_connection")

@@ -13,7 +13,7 @@ and the upstream on core 0) it measures, against one nginx upstream:
   with the suite's rounds and durations;
 
 then memory and connection churn once, through ``bench.memory`` and ``bench.churn`` when those
-modules are there. It prints every table, the issue's targets as a PASS/FAIL checklist, writes
+modules are there. It prints every table, the performance targets as a PASS/FAIL checklist, writes
 ``bench/out/suite-<timestamp>.json`` and two PNG charts next to ``bench/RESULTS.md``.
 """
 
@@ -124,7 +124,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description="Every benchmark in one run: throughput (HTTP/1.1 and HTTP/2, 100 B and "
         "64 KiB) and latency at fixed rates of direct, meshpy, nginx and HAProxy, the mesh "
         "path, the Python filter path, memory and churn; interleaved rounds, medians and "
-        "spreads, the issue's targets as a checklist, JSON and PNG charts.",
+        "spreads, the performance targets as a checklist, JSON and PNG charts.",
         epilog="With the defaults a run takes about 80 minutes on 2 cores (two modes of about "
         "30 minutes each, then memory with its 10-minute soak, and churn); --quick takes about "
         "5 minutes.",
@@ -969,7 +969,7 @@ def module_checks(
 def checklist(
     modes: dict[str, dict[str, Any]], memory: dict[str, Any], churn: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """The issue's targets, in its order; a figure that was not measured is ``met: None``."""
+    """The performance targets, in order; a figure that was not measured is ``met: None``."""
     checks = []
     for mode, result in modes.items():
         summary = result.get("summary", {"throughput": [], "latency": []})
@@ -1188,7 +1188,7 @@ def main(argv: list[str]) -> int:
     except Interrupted:
         return 130
     checks = checklist(modes, memory, churn)
-    print("\nTargets of the issue (measured on this machine in this run):")
+    print("\nPerformance targets (measured on this machine in this run):")
     print("\n".join(checklist_lines(checks)))
     print(f"loadavg at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     charts = write_charts(args.charts_dir, modes)
