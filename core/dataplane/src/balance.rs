@@ -56,10 +56,10 @@ impl Endpoint {
     /// estimate decays toward zero while the endpoint goes unobserved: an endpoint once
     /// slow (a cold connection, a handshake) is not shunned forever by a balancer that only
     /// ever picks its cheaper rival.
-    fn cost(&self) -> f64 {
+    fn cost(&self, now: Instant) -> f64 {
         let pending = self.in_flight.load(Relaxed) as f64;
         let ewma = self.ewma.lock().unwrap();
-        let idle = ewma.updated.elapsed().as_secs_f64();
+        let idle = now.saturating_duration_since(ewma.updated).as_secs_f64();
         ewma.value_ns * (-idle / EWMA_DECAY.as_secs_f64()).exp() * (pending + 1.0)
     }
 
@@ -140,7 +140,11 @@ impl Balancer {
                 (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
             }
             LbPolicy::LeastRequest => self.best_of_two(&usable, |e| e.in_flight() as f64),
-            LbPolicy::P2cEwma => self.best_of_two(&usable, Endpoint::cost),
+            LbPolicy::P2cEwma => {
+                // One clock read per pick, shared by both candidates' decay.
+                let now = Instant::now();
+                self.best_of_two(&usable, |e| e.cost(now))
+            }
         };
         // Every endpoint ejected: still try one rather than fail without trying.
         let index = index.or_else(|| (0..n).find(|&i| Some(i) != exclude))?;
