@@ -19,24 +19,18 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any
-
-from cryptography import x509
+from typing import TYPE_CHECKING, Any
 
 from . import _core
-from .ca import (
-    BUNDLE_FILE,
-    CERT_FILE,
-    KEY_FILE,
-    CAError,
-    CertificateAuthority,
-    IssuedCertificate,
-    write_pem_files,
-)
 from .config import Identity, SidecarConfig, _read_file, loads_config
 from .errors import ConfigError, ListenError, MeshpyError
 from .filters import FilterSet, build_filter_set
 from .runtime import FilterRuntime
+
+# meshpy.ca and cryptography (8 MB of RSS) are imported where an identity needs them: a
+# sidecar without one never does.
+if TYPE_CHECKING:
+    from .ca import IssuedCertificate
 
 __all__ = ["Sidecar"]
 
@@ -265,8 +259,10 @@ class Sidecar:
 
     # -- self-issued identity (development): issue from a CA directory, renew before expiry
 
-    def _issue(self, identity: Identity) -> tuple[IssuedCertificate, Path]:
+    def _issue(self, identity: Identity) -> "tuple[IssuedCertificate, Path]":
         """Issue a certificate from identity.ca into a new directory; raises CAError."""
+        from .ca import CertificateAuthority, write_pem_files
+
         assert identity.ca and identity.service and identity.namespace
         if self._identity_dir is None:
             self._identity_dir = Path(tempfile.mkdtemp(prefix="meshpy-identity-"))  # 0700
@@ -279,6 +275,8 @@ class Sidecar:
 
     def _use_self_issued(self, identity: Identity) -> None:
         """Point `identity` at files of a certificate issued for it; raises ConfigError."""
+        from .ca import BUNDLE_FILE, CERT_FILE, KEY_FILE, CAError
+
         key = (identity.ca, identity.service, identity.namespace, identity.ttl)
         if key != self._issue_key or self._issued is None:
             try:
@@ -312,6 +310,8 @@ class Sidecar:
         Open connections stay. On failure the current certificate keeps serving and the
         renewal is retried with backoff. `run()` calls this when a renewal is due.
         """
+        from .ca import BUNDLE_FILE, CERT_FILE, KEY_FILE, CAError
+
         identity = self._config.identity
         if identity is None or not identity.self_issued or self._issued is None:
             self._renew_due = math.inf
@@ -450,6 +450,8 @@ class Sidecar:
         identity = self._config.identity
         if identity is None or identity.self_issued or identity.cert is None:
             return
+        from cryptography import x509
+
         key = (identity.cert, self._identity_stats.get(identity.cert))
         seen, warn_at, warned = self._expiry_watch
         if key != seen:
