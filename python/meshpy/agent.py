@@ -34,6 +34,7 @@ from .config import (
     UpstreamProtocol,
     _config_relative,
     _Loader,
+    is_mesh_bootstrap,
     validation_errors,
 )
 from .controlplane.client import ClientError, Unreachable, WorkloadClient
@@ -100,10 +101,6 @@ class MeshBootstrap(_Model):
     state_dir: ConfigPath = Field(
         description="Where the last good config, the key and the certificate are kept."
     )
-
-
-def is_mesh_bootstrap(data: Any) -> bool:
-    return isinstance(data, dict) and "control_plane" in data
 
 
 def load_bootstrap(path: str | os.PathLike[str]) -> MeshBootstrap:

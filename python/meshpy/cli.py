@@ -12,9 +12,11 @@ import yaml
 
 from . import __version__
 from .cli_mesh import add_mesh_commands
-from .config import json_schema, load_config, parse_duration
 from .errors import ConfigError, MeshpyError
-from .filters import build_filter_set
+
+# Each command imports what it needs when it runs: pydantic's models, the compiled core,
+# cryptography and the control plane's HTTP stack cost megabytes of RSS apiece, and a sidecar
+# or `meshpy ca` should not carry the others.
 
 _LOG_LEVELS = {
     "error": logging.ERROR,
@@ -26,6 +28,8 @@ _LOG_LEVELS = {
 
 
 def _duration(text: str) -> float:
+    from .config import parse_duration
+
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -62,12 +66,15 @@ def _plural(count: int, noun: str) -> str:
 
 def _cmd_proxy(args: argparse.Namespace) -> int:
     _configure_logging(args.log_level)
-    from .agent import MeshAgent, is_mesh_bootstrap
-    from .proxy import Sidecar
+    from .config import is_mesh_bootstrap
 
     try:
         if is_mesh_bootstrap(_peek_yaml(args.config)):
+            from .agent import MeshAgent  # with httpx and cryptography, which others never need
+
             return MeshAgent(args.config, workers=args.workers).run(args.drain_timeout)
+        from .proxy import Sidecar
+
         sidecar = Sidecar(args.config, workers=args.workers)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
@@ -105,6 +112,9 @@ def _validate_other(path: str) -> str | None:
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .filters import build_filter_set
+
     status = 0
     for path in args.files:
         try:
@@ -126,6 +136,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _cmd_schema(args: argparse.Namespace) -> int:
+    from .config import json_schema
+
     print(json.dumps(json_schema(), indent=2))
     return 0
 

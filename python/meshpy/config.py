@@ -51,6 +51,7 @@ __all__ = [
     "RouteMatch",
     "SidecarConfig",
     "Tls",
+    "is_mesh_bootstrap",
     "json_schema",
     "load_config",
     "loads_config",
@@ -1363,6 +1364,12 @@ def load_config(path: str | os.PathLike[str]) -> SidecarConfig:
     """Load and validate a sidecar config file. Raises ConfigError naming the file and fields."""
     path = Path(path)
     return loads_config(_read_file(path), base_dir=path.parent, source=str(path))
+
+
+def is_mesh_bootstrap(data: Any) -> bool:
+    """Whether a sidecar file's first document is the bootstrap of a control-plane sidecar
+    (meshpy.agent) rather than a config."""
+    return isinstance(data, dict) and "control_plane" in data
 
 
 def json_schema() -> dict[str, Any]:
