@@ -1,4 +1,4 @@
-"""The ``meshpy`` command line: validate, schema, and proxy start-up failures."""
+"""The ``meshpy`` command line: validate, schema, proxy start-up failures and imports."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import re
 import socket
 import subprocess
+import sys
+import time
 
 import pytest
 import yaml
@@ -122,3 +124,23 @@ def test_the_shipped_examples_validate_from_the_repository_root():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.count(": ok (") == len(files)
+
+
+def test_a_plain_sidecar_imports_neither_cryptography_nor_the_agent(tmp_path):
+    """Without identity or control plane, a sidecar does not carry their modules' RSS."""
+    path = write(tmp_path, good_config())
+    argv = [sys.executable, "-X", "importtime", "-m", "meshpy", "proxy", "-c", path]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        ready = proc.stdout.readline()
+        time.sleep(1)  # a poll or two of the config file, which must not import them either
+    finally:
+        proc.terminate()
+        _, stderr = proc.communicate(timeout=30)
+    assert ready.startswith("meshpy proxy ready:"), stderr
+    imported = {
+        line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import")
+    }
+    assert "meshpy.proxy" in imported
+    unneeded = {"cryptography", "httpx", "meshpy.agent", "meshpy.ca", "meshpy.testing"}
+    assert not unneeded & imported
