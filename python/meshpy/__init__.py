@@ -1,7 +1,12 @@
 """meshpy: a service mesh whose data plane is a Rust proxy, configured and extended from Python."""
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
+
+# mimalloc, the data plane's allocator, otherwise commits a whole arena up front: about
+# 4 MB of every idle sidecar. It reads this once, when meshpy._core loads.
+os.environ.setdefault("MIMALLOC_ARENA_EAGER_COMMIT", "0")
 
 from .errors import ConfigError, ListenError, MeshpyError
 
