@@ -38,9 +38,8 @@ impl Endpoint {
     }
 
     /// Peak-EWMA: a slower sample replaces the average at once, faster ones decay it.
-    fn observe(&self, rtt: Duration) {
+    fn observe(&self, rtt: Duration, now: Instant) {
         let mut ewma = self.ewma.lock().unwrap();
-        let now = Instant::now();
         let sample = rtt.as_nanos() as f64;
         if sample > ewma.value_ns {
             ewma.value_ns = sample;
@@ -86,9 +85,10 @@ impl InFlight {
         &self.endpoint
     }
 
-    /// Feeds the time to first response into the endpoint's latency average.
-    pub fn observe_latency(&self) {
-        self.endpoint.observe(self.started.elapsed());
+    /// Feeds the time to first response, which arrived at `now`, into the endpoint's
+    /// latency average.
+    pub fn observe_latency(&self, now: Instant) {
+        self.endpoint.observe(now.saturating_duration_since(self.started), now);
     }
 }
 
@@ -112,13 +112,15 @@ impl Balancer {
         &self.endpoints
     }
 
-    fn now_ms(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
+    fn ms_since_epoch(&self, now: Instant) -> u64 {
+        now.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Skips an endpoint for a short while after it refused a connection.
     pub fn eject(&self, endpoint: &Endpoint) {
-        endpoint.ejected_until_ms.store(self.now_ms() + EJECTION.as_millis() as u64, Relaxed);
+        endpoint
+            .ejected_until_ms
+            .store(self.ms_since_epoch(Instant::now()) + EJECTION.as_millis() as u64, Relaxed);
     }
 
     fn available(&self, endpoint: &Endpoint, now_ms: u64) -> bool {
@@ -132,25 +134,23 @@ impl Balancer {
         if n == 0 || (n == 1 && exclude == Some(0)) {
             return None;
         }
-        let now = self.now_ms();
-        let usable = |i: usize| Some(i) != exclude && self.available(&self.endpoints[i], now);
+        // One clock read per pick: ejections, both candidates' decay and the start time.
+        let now = Instant::now();
+        let now_ms = self.ms_since_epoch(now);
+        let usable = |i: usize| Some(i) != exclude && self.available(&self.endpoints[i], now_ms);
         let index = match self.policy {
             LbPolicy::RoundRobin => {
                 let start = self.next.fetch_add(1, Relaxed);
                 (0..n).map(|k| (start + k) % n).find(|&i| usable(i))
             }
             LbPolicy::LeastRequest => self.best_of_two(&usable, |e| e.in_flight() as f64),
-            LbPolicy::P2cEwma => {
-                // One clock read per pick, shared by both candidates' decay.
-                let now = Instant::now();
-                self.best_of_two(&usable, |e| e.cost(now))
-            }
+            LbPolicy::P2cEwma => self.best_of_two(&usable, |e| e.cost(now)),
         };
         // Every endpoint ejected: still try one rather than fail without trying.
         let index = index.or_else(|| (0..n).find(|&i| Some(i) != exclude))?;
         let endpoint = self.endpoints[index].clone();
         endpoint.in_flight.fetch_add(1, Relaxed);
-        Some((index, InFlight { endpoint, started: Instant::now() }))
+        Some((index, InFlight { endpoint, started: now }))
     }
 
     /// Two distinct random candidates, the cheaper wins; falls back to the first
@@ -198,8 +198,8 @@ mod tests {
     #[test]
     fn p2c_ewma_prefers_the_fast_endpoint() {
         let lb = Balancer::new(LbPolicy::P2cEwma, &addresses(2));
-        lb.endpoints[0].observe(Duration::from_millis(200));
-        lb.endpoints[1].observe(Duration::from_micros(500));
+        lb.endpoints[0].observe(Duration::from_millis(200), Instant::now());
+        lb.endpoints[1].observe(Duration::from_micros(500), Instant::now());
         for _ in 0..20 {
             assert_eq!(lb.pick(None).unwrap().0, 1);
         }
@@ -208,8 +208,8 @@ mod tests {
     #[test]
     fn p2c_ewma_retries_an_endpoint_whose_slow_sample_has_aged() {
         let lb = Balancer::new(LbPolicy::P2cEwma, &addresses(2));
-        lb.endpoints[0].observe(Duration::from_millis(200));
-        lb.endpoints[1].observe(Duration::from_micros(500));
+        lb.endpoints[0].observe(Duration::from_millis(200), Instant::now());
+        lb.endpoints[1].observe(Duration::from_micros(500), Instant::now());
         // Two minutes without a sample: the old 200 ms has decayed far below the fresh 0.5 ms.
         let aged = Instant::now().checked_sub(Duration::from_secs(120)).unwrap();
         lb.endpoints[0].ewma.lock().unwrap().updated = aged;

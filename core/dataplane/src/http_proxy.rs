@@ -43,16 +43,16 @@ pub struct ConnCtx {
     pub tls: bool,
     pub state: Arc<ConnState>,
     /// The client's address as `X-Forwarded-For` carries it, made once per connection.
-    client_ip: HeaderValue,
-    peer: SocketAddr,
+    pub(crate) client_ip: HeaderValue,
+    pub(crate) peer: SocketAddr,
     /// This hop's `Forwarded` element (`for` and `proto`), made once per connection.
-    forwarded: HeaderValue,
+    pub(crate) forwarded: HeaderValue,
     /// The caller's SPIFFE ID, on an mTLS connection.
-    identity: Option<Arc<str>>,
+    pub(crate) identity: Option<Arc<str>>,
     /// `x-forwarded-client-cert` for the app, on an mTLS connection.
-    xfcc: Option<HeaderValue>,
+    pub(crate) xfcc: Option<HeaderValue>,
     /// The per-caller request counter of an mTLS listener.
-    inbound: Option<Arc<InboundMetrics>>,
+    pub(crate) inbound: Option<Arc<InboundMetrics>>,
 }
 
 impl ConnCtx {
@@ -94,7 +94,7 @@ impl ConnCtx {
         }
     }
 
-    fn listener(&self) -> Arc<Listener> {
+    pub(crate) fn listener(&self) -> Arc<Listener> {
         let snapshot = self.shared.snapshot.load();
         snapshot.listeners.get(&*self.key).cloned().unwrap_or_else(|| self.accepted.clone())
     }
@@ -462,7 +462,7 @@ async fn forward(
         let endpoint = in_flight.endpoint().address.clone();
         match result {
             Ok((response, checkout)) => {
-                in_flight.observe_latency();
+                in_flight.observe_latency(Instant::now());
                 let downstream_upgrade = downstream_upgrade.map(|u| (u, ctx.shared.drain.guard()));
                 let response =
                     finish_response(response, in_flight, checkout, downstream_version, downstream_upgrade);
@@ -600,12 +600,17 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, up
             }
         }
     }
-    let client_ip = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(previous) => {
-            let chained = format!("{previous}, {}", ctx.client_ip.to_str().unwrap_or_default());
-            HeaderValue::try_from(chained).unwrap_or_else(|_| ctx.client_ip.clone())
+    // Every earlier hop's value, in order, then this client's address.
+    let client_ip = if headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chained = Vec::new();
+        for previous in headers.get_all(&X_FORWARDED_FOR) {
+            chained.extend_from_slice(previous.as_bytes());
+            chained.extend_from_slice(b", ");
         }
-        None => ctx.client_ip.clone(),
+        chained.extend_from_slice(ctx.client_ip.as_bytes());
+        HeaderValue::from_bytes(&chained).unwrap_or_else(|_| ctx.client_ip.clone())
+    } else {
+        ctx.client_ip.clone()
     };
     headers.insert(X_FORWARDED_FOR.clone(), client_ip);
     headers.append(header::FORWARDED, ctx.forwarded.clone());
@@ -617,7 +622,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, up
 }
 
 /// A random (version 4) UUID.
-fn request_id() -> HeaderValue {
+pub(crate) fn request_id() -> HeaderValue {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bits = (fastrand::u128(..) & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
     let mut text = [b'-'; 36];
@@ -729,7 +734,7 @@ impl fmt::Display for ProxyError {
 }
 
 impl ProxyError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             Self::NoRoute(_) => StatusCode::NOT_FOUND,
             Self::NotHttp => StatusCode::INTERNAL_SERVER_ERROR,
@@ -758,6 +763,11 @@ impl ProxyError {
         }
     }
 
+    /// The plain-text body of the proxy's own answer.
+    pub(crate) fn local_body(&self) -> String {
+        format!("meshpy: {self}\n")
+    }
+
     pub fn into_response(self, grpc: bool) -> Response<ResponseBody> {
         let message = self.to_string();
         let mut builder = Response::builder();
@@ -772,7 +782,7 @@ impl ProxyError {
         builder
             .status(self.status())
             .header(header::CONTENT_TYPE, "text/plain; charset=utf-8")
-            .body(ResponseBody::local(format!("meshpy: {message}\n")))
+            .body(ResponseBody::local(self.local_body()))
             .expect("valid response parts")
     }
 }

@@ -108,3 +108,57 @@ impl<T: AsyncWrite> AsyncWrite for MeteredIo<T> {
         self.project().inner.poll_shutdown(cx)
     }
 }
+
+pin_project! {
+    /// A stream with bytes already read from it put back in front: the HTTP/1.1 fast
+    /// path hands a connection to hyper with the request it looked at but did not serve.
+    pub struct Rewind<T> {
+        prefix: bytes::Bytes,
+        #[pin]
+        inner: T,
+    }
+}
+
+impl<T> Rewind<T> {
+    pub fn new(inner: T, prefix: bytes::Bytes) -> Self {
+        Self { prefix, inner }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Rewind<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.prefix.is_empty() {
+            return this.inner.poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Rewind<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().inner.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().inner.poll_shutdown(cx)
+    }
+}

@@ -11,6 +11,7 @@ mod cluster;
 pub mod config;
 mod drain;
 pub mod filter;
+mod http1;
 mod http_proxy;
 mod identity;
 mod io;

@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::admin;
 use crate::config::MtlsMode;
+use crate::http1;
 use crate::http_proxy::{self, ConnCtx};
 use crate::identity;
 use crate::io::{ConnState, MeteredIo};
@@ -238,6 +239,18 @@ async fn detect_http2(stream: &TcpStream, deadline: Duration) -> Option<bool> {
 async fn serve_http<T>(io: MeteredIo<T>, http2: bool, server: &HttpServer, ctx: Arc<ConnCtx>)
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if http2 {
+        serve_hyper(io, true, server, ctx).await
+    } else {
+        http1::serve(io, server, ctx).await
+    }
+}
+
+/// Serves a connection with hyper: HTTP/2, and HTTP/1 connections the fast path handed over.
+pub(crate) async fn serve_hyper<I>(io: I, http2: bool, server: &HttpServer, ctx: Arc<ConnCtx>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let shared = ctx.shared.clone();
     let listener = ctx.accepted.clone();

@@ -1,6 +1,8 @@
 //! Connections to one upstream endpoint: a stack of idle HTTP/1.1 connections and
-//! one shared HTTP/2 connection, each driven by its own task.
+//! one shared HTTP/2 connection, each driven by its own task, and a stack of idle
+//! plain TCP connections the HTTP/1.1 fast path writes to directly.
 
+use std::cell::Cell;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -20,6 +22,17 @@ use crate::metrics::ClusterMetrics;
 
 /// Idle HTTP/1.1 connections kept per endpoint; more are closed when released.
 const MAX_IDLE: usize = 256;
+
+thread_local! {
+    /// The data-plane worker this thread runs, so plain connections are reused by the
+    /// runtime whose reactor they are registered with.
+    static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Marks the calling thread as data-plane worker `index`.
+pub fn set_worker(index: usize) {
+    WORKER.with(|w| w.set(index));
+}
 
 /// Keeps a connection counted in the cluster's open-connections gauge while it lives.
 pub struct OpenConnection(Arc<ClusterMetrics>);
@@ -43,6 +56,18 @@ struct Idle {
     since: Instant,
 }
 
+/// A plain TCP connection to an endpoint, counted as open while it lives.
+pub struct PlainConn {
+    pub stream: TcpStream,
+    _open: OpenConnection,
+}
+
+struct IdlePlain {
+    conn: PlainConn,
+    since: Instant,
+    worker: usize,
+}
+
 pub struct EndpointPool {
     address: String,
     connect_timeout: Duration,
@@ -50,6 +75,7 @@ pub struct EndpointPool {
     metrics: Arc<ClusterMetrics>,
     idle: Mutex<Vec<Idle>>,
     http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    plain_idle: Mutex<Vec<IdlePlain>>,
     /// Set for `tls: mesh` clusters: connections are mutual TLS.
     mesh: Arc<ArcSwapOption<MeshConnector>>,
 }
@@ -88,6 +114,7 @@ impl EndpointPool {
             metrics,
             idle: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
+            plain_idle: Mutex::new(Vec::new()),
             mesh,
         }
     }
@@ -160,6 +187,40 @@ impl EndpointPool {
         if idle.len() < MAX_IDLE {
             idle.push(Idle { sender, since: Instant::now() });
         }
+    }
+
+    /// An idle plain connection opened by this worker, if there is one still usable
+    /// `now`.
+    pub fn take_plain(&self, now: Instant) -> Option<PlainConn> {
+        let worker = WORKER.with(Cell::get);
+        let mut idle = self.plain_idle.lock().unwrap();
+        loop {
+            let at = idle.iter().rposition(|i| i.worker == worker)?;
+            let candidate = idle.remove(at);
+            if now.saturating_duration_since(candidate.since) > self.idle_timeout
+                || !still_open(&candidate.conn.stream)
+            {
+                continue;
+            }
+            return Some(candidate.conn);
+        }
+    }
+
+    /// Returns a plain connection whose last exchange ended cleanly at `now`.
+    pub fn release_plain(&self, conn: PlainConn, now: Instant) {
+        let mut idle = self.plain_idle.lock().unwrap();
+        let expired =
+            idle.iter().take_while(|i| now.saturating_duration_since(i.since) > self.idle_timeout).count();
+        idle.drain(..expired);
+        if idle.len() < MAX_IDLE {
+            idle.push(IdlePlain { conn, since: now, worker: WORKER.with(Cell::get) });
+        }
+    }
+
+    /// A new plain connection within the connect timeout.
+    pub async fn connect_plain(&self) -> Result<PlainConn, String> {
+        let stream = self.connect_tcp().await?;
+        Ok(PlainConn { stream, _open: self.open_connection() })
     }
 
     /// Opens a TCP connection to the endpoint within the connect timeout, counting
@@ -300,4 +361,12 @@ impl EndpointPool {
         *self.http2.lock().unwrap() = Some(sender.clone());
         Ok(sender)
     }
+}
+
+/// An idle connection the upstream closed (or wrote to out of turn) is readable;
+/// one still open is not. Costs no system call while the reactor saw nothing, which
+/// is the usual case: the last read of a response, shorter than the buffer, cleared
+/// the readiness.
+fn still_open(stream: &TcpStream) -> bool {
+    matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }

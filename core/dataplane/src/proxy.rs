@@ -66,6 +66,7 @@ impl Worker {
         let thread = std::thread::Builder::new()
             .name(format!("meshpy-worker-{index}"))
             .spawn(move || {
+                crate::pool::set_worker(index);
                 let _ = runtime.block_on(stopped);
                 runtime.shutdown_timeout(Duration::from_millis(100));
             })

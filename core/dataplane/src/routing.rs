@@ -76,6 +76,11 @@ impl Matcher {
         Ok(Self { host, path, methods, headers })
     }
 
+    /// Whether matching looks at headers at all (callers without a header map skip building one).
+    pub fn has_header_conditions(&self) -> bool {
+        !self.headers.is_empty()
+    }
+
     /// `host` is lower-case with any port removed.
     pub fn matches(&self, host: &str, path: &str, method: &Method, headers: &HeaderMap) -> bool {
         let host_ok = match &self.host {
@@ -123,6 +128,11 @@ impl HeaderMatch {
 pub fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> std::borrow::Cow<'a, str> {
     let raw =
         uri.host().or_else(|| headers.get(http::header::HOST).and_then(|h| h.to_str().ok())).unwrap_or("");
+    host_without_port(raw)
+}
+
+/// A `Host` value lower-cased, without port.
+pub fn host_without_port(raw: &str) -> std::borrow::Cow<'_, str> {
     let without_port = if raw.starts_with('[') {
         raw.find(']').map_or(raw, |end| &raw[..=end])
     } else {

@@ -245,6 +245,9 @@ impl Snapshot {
 pub struct HttpServer {
     pub http1: http1::Builder,
     pub http2: http2::Builder<TokioExecutor>,
+    /// The request head limits, which the HTTP/1.1 fast path leaves to hyper to enforce.
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
 }
 
 impl HttpServer {
@@ -260,6 +263,11 @@ impl HttpServer {
             .max_header_list_size(u32::try_from(l.limits.max_header_bytes).unwrap_or(u32::MAX))
             .adaptive_window(true)
             .max_concurrent_streams(1024);
-        Self { http1: h1, http2: h2 }
+        Self {
+            http1: h1,
+            http2: h2,
+            max_header_bytes: l.limits.max_header_bytes,
+            max_headers: l.limits.max_headers,
+        }
     }
 }

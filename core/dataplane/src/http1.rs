@@ -1,0 +1,924 @@
+//! The HTTP/1.1 fast path.
+//!
+//! A request that has everything in hand — its whole head and body in the bytes read
+//! so far, a route without filters, a plain HTTP/1.1 upstream — is forwarded by
+//! copying bytes: its head is parsed once in place and rewritten straight into the
+//! upstream write, and the response head is relayed the same way, all on the
+//! downstream connection's own task. The first request that needs more (an upgrade,
+//! `Expect`, a chunked or large body, a partial or invalid head, filters, an
+//! authorization policy, an HTTP/2 or mTLS upstream, gRPC) hands the connection, with
+//! the bytes already read, to hyper for the rest of its life, so every rule hyper
+//! enforces (400, 413, 431, slow headers, smuggling) still applies.
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BytesMut};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::access_log::Entry;
+use crate::balance::InFlight;
+use crate::drain::Drain;
+use crate::http_proxy::{request_id, ConnCtx, ProxyError};
+use crate::io::{ConnState, MeteredIo, Rewind};
+use crate::listener::serve_hyper;
+use crate::pool::{EndpointPool, PlainConn};
+use crate::routing::host_without_port;
+use crate::snapshot::{HttpServer, Kind, Route};
+
+/// The most request headers the fast path parses; a request with more goes to hyper.
+const MAX_REQUEST_HEADERS: usize = 64;
+const MAX_RESPONSE_HEADERS: usize = 128;
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Spare room made before each downstream read; small, since idle connections keep it.
+const READ_RESERVE: usize = 4 * 1024;
+/// The upstream read buffer of one exchange, sized for relaying larger bodies.
+const RELAY_BUFFER: usize = 32 * 1024;
+
+/// What a connection's exchanges reuse.
+struct Buffers<'r> {
+    /// Bytes read from the client and not yet served.
+    read: &'r mut BytesMut,
+    /// The request as it goes upstream.
+    request: Vec<u8>,
+    /// The response head (and the body bytes that came with it) as it goes downstream.
+    response: Vec<u8>,
+}
+
+#[derive(PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+    /// Not for the fast path: hyper serves the rest of the connection.
+    Hyper,
+}
+
+/// Serves an HTTP/1 connection, on the fast path for as long as its requests allow.
+pub async fn serve<T>(mut io: MeteredIo<T>, server: &HttpServer, ctx: Arc<ConnCtx>)
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let mut read = BytesMut::with_capacity(READ_RESERVE);
+    if serve_fast(&mut io, &mut read, &ctx).await == Next::Hyper {
+        serve_hyper(Rewind::new(io, read.freeze()), false, server, ctx).await;
+    }
+}
+
+/// Serves requests until the connection closes (`Next::Close`) or one needs hyper
+/// (`Next::Hyper`, with its bytes left at the front of `read`).
+async fn serve_fast<T>(io: &mut MeteredIo<T>, read: &mut BytesMut, ctx: &ConnCtx) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buffers = Buffers { read, request: Vec::with_capacity(512), response: Vec::with_capacity(512) };
+    // One future for the connection's life rather than a timer per request.
+    let mut idle_or_drained =
+        std::pin::pin!(idle_or_drained(&ctx.shared.drain, &ctx.state, ctx.accepted.idle_timeout));
+    loop {
+        if buffers.read.is_empty() {
+            if ctx.shared.drain.is_draining() {
+                return Next::Close;
+            }
+            tokio::select! {
+                read = read_more(io, buffers.read) => match read {
+                    Ok(n) if n > 0 => {}
+                    _ => return Next::Close,
+                },
+                () = &mut idle_or_drained => return Next::Close,
+            }
+        }
+        match exchange(io, &mut buffers, ctx).await {
+            Next::KeepAlive => {}
+            Next::Close => {
+                let _ = io.shutdown().await;
+                return Next::Close;
+            }
+            Next::Hyper => return Next::Hyper,
+        }
+    }
+}
+
+/// Resolves when the proxy starts draining, or once a whole idle period went by with
+/// no byte moved on the connection (so it closes one to two periods after its last).
+async fn idle_or_drained(drain: &Drain, state: &ConnState, limit: Duration) {
+    let mut drained = drain.watcher();
+    let idle = async {
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        let mut seen = state.activity();
+        loop {
+            tokio::time::sleep(limit).await;
+            let now = state.activity();
+            if now == seen {
+                return;
+            }
+            seen = now;
+        }
+    };
+    tokio::select! {
+        _ = drained.changed() => {}
+        () = idle => {}
+    }
+}
+
+async fn read_more<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
+    if buf.capacity() - buf.len() < READ_RESERVE / 4 {
+        buf.reserve(READ_RESERVE);
+    }
+    from.read_buf(buf).await
+}
+
+/// One request, from the bytes at the front of `buffers.read`.
+async fn exchange<T>(io: &mut MeteredIo<T>, buffers: &mut Buffers<'_>, ctx: &ConnCtx) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let started = Instant::now();
+    let listener = ctx.listener();
+    let Kind::Http { routes, server } = &listener.kind else { return Next::Hyper };
+    if listener.authz.is_some() {
+        return Next::Hyper;
+    }
+    let log = ctx.accepted.access_log.as_ref();
+    let plan = match plan(buffers.read, &mut buffers.request, ctx, routes, server, &listener, log.is_some()) {
+        Decision::Forward(plan) => plan,
+        Decision::NoRoute { host, consumed, close, head, mut entry } => {
+            buffers.read.advance(consumed);
+            let error = ProxyError::NoRoute(host);
+            let close = close || ctx.shared.drain.is_draining();
+            if let (Some(log), Some(entry)) = (log, entry.as_mut()) {
+                entry.status = error.status().as_u16();
+                entry.duration = started.elapsed();
+                log.write(entry);
+            }
+            return answer(io, &mut buffers.response, &error, head, close).await;
+        }
+        Decision::Hyper => return Next::Hyper,
+    };
+    if let Some(inbound) = &ctx.inbound {
+        inbound.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    plan.route.metrics.request();
+    buffers.read.advance(plan.consumed);
+    let mut plan = plan;
+    let outcome = forward(io, buffers, ctx, &mut plan, started).await;
+    if let (Some(log), Some(entry)) = (log, plan.entry.as_ref()) {
+        log.write(entry);
+    }
+    outcome
+}
+
+/// A request the fast path forwards: its request bytes are in `Buffers::request`.
+struct Plan<'l> {
+    route: &'l Route,
+    /// How many bytes of the read buffer the request took (head and body).
+    consumed: usize,
+    head: bool,
+    /// Safe to send again on another connection when a reused one turns out closed.
+    idempotent: bool,
+    /// The client asked to close the connection after this exchange.
+    close: bool,
+    entry: Option<Entry>,
+}
+
+enum Decision<'l> {
+    Forward(Plan<'l>),
+    NoRoute { host: String, consumed: usize, close: bool, head: bool, entry: Option<Entry> },
+    Hyper,
+}
+
+/// Parses the request at the front of `read` and, if the fast path can take it, writes
+/// the request to send upstream into `out`.
+fn plan<'l>(
+    read: &[u8],
+    out: &mut Vec<u8>,
+    ctx: &ConnCtx,
+    routes: &'l [Route],
+    server: &HttpServer,
+    listener: &crate::snapshot::Listener,
+    logging: bool,
+) -> Decision<'l> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_REQUEST_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let Ok(httparse::Status::Complete(head_len)) = request.parse(read) else { return Decision::Hyper };
+    let (Some(method), Some(target), Some(1)) = (request.method, request.path, request.version) else {
+        return Decision::Hyper;
+    };
+    if head_len > server.max_header_bytes || request.headers.len() > server.max_headers {
+        return Decision::Hyper;
+    }
+    // Origin form only; the same check hyper makes, so the same requests get a 400.
+    if !target.starts_with('/') {
+        return Decision::Hyper;
+    }
+    let Ok(path_and_query) = PathAndQuery::try_from(target) else { return Decision::Hyper };
+    let Ok(method) = Method::from_bytes(method.as_bytes()) else { return Decision::Hyper };
+    if method == Method::CONNECT {
+        return Decision::Hyper;
+    }
+
+    let mut content_length = None;
+    let mut close = false;
+    let mut host = None;
+    for header in request.headers.iter() {
+        let (name, value) = (header.name, header.value);
+        if name.eq_ignore_ascii_case("content-length") {
+            match (content_length, parse_length(value)) {
+                (None, Some(n)) => content_length = Some(n),
+                _ => return Decision::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case("host") {
+            match (host, std::str::from_utf8(value)) {
+                (None, Ok(value)) => host = Some(value),
+                _ => return Decision::Hyper,
+            }
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    close = true;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    return Decision::Hyper;
+                }
+            }
+        } else if ["transfer-encoding", "upgrade", "expect"].iter().any(|n| name.eq_ignore_ascii_case(n))
+            || name.eq_ignore_ascii_case("content-type") && value.starts_with(b"application/grpc")
+        {
+            return Decision::Hyper;
+        }
+    }
+    let Some(host) = host else { return Decision::Hyper };
+    let body_len = content_length.unwrap_or(0);
+    if listener.max_body_bytes.is_some_and(|limit| body_len > limit) {
+        return Decision::Hyper;
+    }
+    let consumed = match usize::try_from(body_len).ok().and_then(|n| n.checked_add(head_len)) {
+        Some(total) if total <= read.len() => total,
+        _ => return Decision::Hyper,
+    };
+    let head = method == Method::HEAD;
+
+    let matched_host = host_without_port(host);
+    let path = path_and_query.path();
+    let mut header_map = None;
+    let no_headers = HeaderMap::new();
+    let route = routes.iter().find(|route| {
+        let headers = if route.matcher.has_header_conditions() {
+            &*header_map.get_or_insert_with(|| to_header_map(request.headers))
+        } else {
+            &no_headers
+        };
+        route.matcher.matches(&matched_host, path, &method, headers)
+    });
+
+    let mut entry = logging.then(|| Entry {
+        listener: ctx.accepted.name.clone(),
+        method: method.to_string(),
+        authority: host.to_owned(),
+        path: target.to_owned(),
+        client: ctx.peer.ip().to_string(),
+        identity: ctx.identity.as_deref().map(str::to_owned),
+        ..Entry::default()
+    });
+    let Some(route) = route else {
+        if let Some(entry) = entry.as_mut() {
+            // As on the hyper path, a logged request gets an id even when refused.
+            let id = header_value(request.headers, "x-request-id");
+            entry.request_id = id.or_else(|| request_id().to_str().ok().map(str::to_owned));
+        }
+        let host = matched_host.into_owned();
+        return Decision::NoRoute { host, consumed, close, head, entry };
+    };
+    let cluster = &route.cluster;
+    if route.filters.is_some() || cluster.config.tls.is_some() || cluster.upstream_http2(false) {
+        return Decision::Hyper;
+    }
+
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut forwarded_for = Vec::new();
+    let mut request_id_value = None;
+    for header in request.headers.iter() {
+        let (name, value) = (header.name, header.value);
+        if name.eq_ignore_ascii_case("x-forwarded-for") {
+            forwarded_for.push(value);
+            continue;
+        }
+        if name.eq_ignore_ascii_case("x-request-id") {
+            request_id_value = Some(value);
+        } else if HOP_BY_HOP_AND_OURS.iter().any(|n| name.eq_ignore_ascii_case(n))
+            || name.eq_ignore_ascii_case("te") && !value.eq_ignore_ascii_case(b"trailers")
+        {
+            continue;
+        }
+        push_header(out, name.as_bytes(), value);
+    }
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for previous in forwarded_for {
+        out.extend_from_slice(previous);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(ctx.client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    push_header(out, b"forwarded", ctx.forwarded.as_bytes());
+    push_header(out, b"x-forwarded-proto", if ctx.tls { b"https" } else { b"http" });
+    if let Some(xfcc) = &ctx.xfcc {
+        push_header(out, b"x-forwarded-client-cert", xfcc.as_bytes());
+    }
+    let generated;
+    let request_id_value = match request_id_value {
+        Some(value) => value,
+        None => {
+            generated = request_id();
+            push_header(out, b"x-request-id", generated.as_bytes());
+            generated.as_bytes()
+        }
+    };
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(&read[head_len..consumed]);
+
+    if let Some(entry) = entry.as_mut() {
+        entry.request_id = std::str::from_utf8(request_id_value).ok().map(str::to_owned);
+        entry.route = Some(route.name.to_string());
+        entry.cluster = Some(cluster.name().to_owned());
+    }
+    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+        || method == Method::PUT
+        || method == Method::DELETE;
+    Decision::Forward(Plan { route, consumed, head, idempotent, close, entry })
+}
+
+/// Request headers that describe one hop (RFC 9110 §7.6.1) or that only this proxy sets.
+const HOP_BY_HOP_AND_OURS: [&str; 5] =
+    ["connection", "keep-alive", "proxy-connection", "x-forwarded-client-cert", "x-forwarded-proto"];
+
+fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn header_value(headers: &[httparse::Header<'_>], name: &str) -> Option<String> {
+    let header = headers.iter().find(|h| h.name.eq_ignore_ascii_case(name))?;
+    std::str::from_utf8(header.value).ok().map(str::to_owned)
+}
+
+fn to_header_map(headers: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for header in headers {
+        if let (Ok(name), Ok(value)) =
+            (HeaderName::from_bytes(header.name.as_bytes()), HeaderValue::from_bytes(header.value))
+        {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// A `Content-Length` value: digits only, as RFC 9110 §8.6 has it.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    value.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+}
+
+/// Sends the planned request to the route's cluster and relays the response.
+async fn forward<T>(
+    io: &mut MeteredIo<T>,
+    buffers: &mut Buffers<'_>,
+    ctx: &ConnCtx,
+    plan: &mut Plan<'_>,
+    started: Instant,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let route = plan.route;
+    let cluster = &route.cluster;
+    let mut relay = BytesMut::with_capacity(RELAY_BUFFER);
+    // A refused connection means nothing reached the upstream: one more endpoint is
+    // tried, as on the hyper path.
+    let mut exclude = None;
+    let mut refused = None;
+    let mut attempt = None;
+    for _ in 0..2 {
+        let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
+        let pool = cluster.pool(index);
+        let conn = match pool.take_plain(started) {
+            Some(conn) => Ok((conn, true)),
+            None => pool.connect_plain().await.map(|conn| (conn, false)),
+        };
+        match conn {
+            Ok((conn, reused)) => {
+                attempt = Some((index, in_flight, conn, reused));
+                break;
+            }
+            Err(cause) => {
+                cluster.balancer.eject(in_flight.endpoint());
+                tracing::debug!(cluster = cluster.name(), endpoint = %in_flight.endpoint().address, %cause, "connect failed");
+                refused = Some((in_flight.endpoint().address.clone(), cause));
+                exclude = Some(index);
+            }
+        }
+    }
+    let Some((index, in_flight, mut conn, reused)) = attempt else {
+        let error = match refused {
+            Some((endpoint, cause)) => {
+                ProxyError::Connect { cluster: cluster.name().to_owned(), endpoint, cause }
+            }
+            None => ProxyError::NoEndpoint(cluster.name().to_owned()),
+        };
+        return fail(io, buffers, plan, &error, started).await;
+    };
+
+    let waiting = async {
+        let result: Result<ResponseHead, Failure> = match round_trip(
+            &mut conn.stream,
+            &buffers.request,
+            &mut relay,
+            plan.head,
+        )
+        .await
+        {
+            Err(Failure::Silent(cause)) if reused && plan.idempotent => {
+                // The pooled connection had been closed by the upstream: a fresh one.
+                tracing::debug!(cluster = cluster.name(), %cause, "pooled connection was closed; retrying");
+                conn = cluster.pool(index).connect_plain().await.map_err(Failure::Connect)?;
+                relay.clear();
+                round_trip(&mut conn.stream, &buffers.request, &mut relay, plan.head).await
+            }
+            result => result,
+        };
+        result
+    };
+    let result = match route.timeout {
+        Some(limit) => tokio::time::timeout(limit, waiting).await.unwrap_or(Err(Failure::Timeout(limit))),
+        None => waiting.await,
+    };
+    let endpoint = || in_flight.endpoint().address.clone();
+    let response = match result {
+        Ok(response) => response,
+        Err(failure) => {
+            let cluster = cluster.name().to_owned();
+            let error = match failure {
+                Failure::Timeout(after) => ProxyError::Timeout { cluster, after },
+                Failure::Connect(cause) => ProxyError::Connect { cluster, endpoint: endpoint(), cause },
+                Failure::Silent(cause) | Failure::Broken(cause) => {
+                    ProxyError::Upstream { cluster, endpoint: endpoint(), cause }
+                }
+            };
+            tracing::debug!(route = %route.name, error = %error, "request failed");
+            return fail(io, buffers, plan, &error, started).await;
+        }
+    };
+    let answered = Instant::now();
+    in_flight.observe_latency(answered);
+    route.metrics.response(response.status, answered - started);
+    if let Some(entry) = plan.entry.as_mut() {
+        entry.status = response.status;
+        entry.duration = answered - started;
+    }
+    let close = plan.close || response.framing == Framing::Close || ctx.shared.drain.is_draining();
+    let upstream = Upstream { conn, pool: cluster.pool(index), in_flight, answered };
+    relay_response(io, buffers, &mut relay, response, close, upstream).await
+}
+
+/// Why no response head came back.
+enum Failure {
+    /// The connection failed before a byte of response: the request may not have been seen.
+    Silent(String),
+    /// The response was cut short or is not HTTP.
+    Broken(String),
+    Connect(String),
+    Timeout(std::time::Duration),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Framing {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Until the upstream closes (no length, HTTP/1.0 style).
+    Close,
+}
+
+/// A response head, parsed and rewritten for the client.
+struct ResponseHead {
+    status: u16,
+    /// The head's length in the relay buffer, where the body starts.
+    head_len: usize,
+    framing: Framing,
+    /// The upstream connection may carry another request afterwards.
+    reusable: bool,
+    /// Header lines to send downstream, hop-by-hop headers removed.
+    lines: Vec<u8>,
+}
+
+/// Writes the request and reads until a final response head is in `relay`.
+async fn round_trip(
+    upstream: &mut TcpStream,
+    request: &[u8],
+    relay: &mut BytesMut,
+    head_request: bool,
+) -> Result<ResponseHead, Failure> {
+    upstream.write_all(request).await.map_err(|e| Failure::Silent(e.to_string()))?;
+    let mut received = false;
+    loop {
+        if !relay.is_empty() {
+            match parse_response(relay, head_request)? {
+                Some(head) if (100..200).contains(&head.status) => {
+                    // Interim responses (103 Early Hints and the like) are not relayed.
+                    relay.advance(head.head_len);
+                    continue;
+                }
+                Some(head) => return Ok(head),
+                None if relay.len() > MAX_RESPONSE_HEAD => {
+                    return Err(Failure::Broken("response head too large".into()))
+                }
+                None => {}
+            }
+        }
+        match upstream.read_buf(relay).await {
+            Ok(0) if !received => {
+                return Err(Failure::Silent("connection closed before a response was received".into()))
+            }
+            Ok(0) => return Err(Failure::Broken("connection closed before the response head ended".into())),
+            Ok(_) => received = true,
+            Err(e) if !received => return Err(Failure::Silent(e.to_string())),
+            Err(e) => return Err(Failure::Broken(e.to_string())),
+        }
+    }
+}
+
+/// `None`: the head is not complete yet.
+fn parse_response(relay: &[u8], head_request: bool) -> Result<Option<ResponseHead>, Failure> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut headers);
+    let head_len = match response.parse(relay) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(Failure::Broken(format!("invalid response: {e}"))),
+    };
+    let status = response.code.unwrap_or_default();
+    if status == 101 {
+        return Err(Failure::Broken("101 Switching Protocols without an upgrade request".into()));
+    }
+    let mut content_length = None;
+    let mut chunked = None;
+    let mut reusable = response.version == Some(1);
+    let mut named = Vec::new();
+    for header in response.headers.iter() {
+        let (name, value) = (header.name, header.value);
+        if name.eq_ignore_ascii_case("content-length") {
+            let length =
+                parse_length(value).ok_or_else(|| Failure::Broken("invalid content-length".into()))?;
+            if content_length.is_some_and(|n| n != length) {
+                return Err(Failure::Broken("conflicting content-length".into()));
+            }
+            content_length = Some(length);
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            let last = value.rsplit(|&b| b == b',').next().unwrap_or_default().trim_ascii();
+            chunked = Some(last.eq_ignore_ascii_case(b"chunked"));
+        } else if name.eq_ignore_ascii_case("connection") {
+            for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                if token.eq_ignore_ascii_case(b"close") {
+                    reusable = false;
+                } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                    named.push(token);
+                }
+            }
+        }
+    }
+    let framing = if head_request || status < 200 || status == 204 || status == 304 {
+        Framing::Empty
+    } else {
+        match (chunked, content_length) {
+            (Some(true), _) => Framing::Chunked,
+            (Some(false), _) => Framing::Close,
+            (None, Some(n)) => Framing::Length(n),
+            (None, None) => Framing::Close,
+        }
+    };
+    let reason = match response.reason {
+        Some(reason) if !reason.is_empty() => reason,
+        _ => StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or(""),
+    };
+    let mut lines = Vec::with_capacity(head_len + 32);
+    lines.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    for header in response.headers.iter() {
+        let name = header.name;
+        let hop = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"]
+            .iter()
+            .any(|n| name.eq_ignore_ascii_case(n))
+            || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
+        if !hop {
+            push_header(&mut lines, name.as_bytes(), header.value);
+        }
+    }
+    Ok(Some(ResponseHead { status, head_len, framing, reusable, lines }))
+}
+
+/// The connection a response comes from, and what to do with it once the body ends.
+struct Upstream<'a> {
+    conn: PlainConn,
+    pool: &'a EndpointPool,
+    /// Keeps the endpoint's request counted as in flight until the body ends.
+    in_flight: InFlight,
+    /// When the response head arrived.
+    answered: Instant,
+}
+
+/// Sends the response head and streams its body; returns the upstream connection to
+/// its pool if the exchange ended cleanly.
+async fn relay_response<T>(
+    io: &mut MeteredIo<T>,
+    buffers: &mut Buffers<'_>,
+    relay: &mut BytesMut,
+    head: ResponseHead,
+    close: bool,
+    upstream: Upstream<'_>,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let out = &mut buffers.response;
+    out.clear();
+    out.extend_from_slice(&head.lines);
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    relay.advance(head.head_len);
+    let mut body = Body::new(head.framing);
+    let Upstream { mut conn, pool, in_flight, answered } = upstream;
+    // The first body bytes go out with the head, in one write.
+    let Ok(first) = body.take(relay) else { return Next::Close };
+    out.extend_from_slice(&relay[..first]);
+    let mut extra = relay.len() > first;
+    if io.write_all(out).await.is_err() {
+        return Next::Close;
+    }
+    let mut streamed = false;
+    while !body.done() {
+        streamed = true;
+        relay.clear();
+        match conn.stream.read_buf(relay).await {
+            Ok(0) if head.framing == Framing::Close => break,
+            Ok(0) | Err(_) => {
+                tracing::debug!("upstream connection closed in the middle of a response body");
+                return Next::Close;
+            }
+            Ok(_) => {}
+        }
+        let Ok(n) = body.take(relay) else { return Next::Close };
+        extra = relay.len() > n;
+        if io.write_all(&relay[..n]).await.is_err() {
+            return Next::Close;
+        }
+    }
+    drop(in_flight);
+    if head.reusable && !extra && head.framing != Framing::Close {
+        // A body that took more reads may have taken a while.
+        let ended = if streamed { Instant::now() } else { answered };
+        pool.release_plain(conn, ended);
+    }
+    if close {
+        Next::Close
+    } else {
+        Next::KeepAlive
+    }
+}
+
+/// Answers the request itself (before any response byte went out).
+async fn fail<T>(
+    io: &mut MeteredIo<T>,
+    buffers: &mut Buffers<'_>,
+    plan: &mut Plan<'_>,
+    error: &ProxyError,
+    started: Instant,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let status = error.status().as_u16();
+    plan.route.metrics.response(status, started.elapsed());
+    if let Some(entry) = plan.entry.as_mut() {
+        entry.status = status;
+        entry.duration = started.elapsed();
+    }
+    answer(io, &mut buffers.response, error, plan.head, plan.close).await
+}
+
+async fn answer<T>(
+    io: &mut MeteredIo<T>,
+    out: &mut Vec<u8>,
+    error: &ProxyError,
+    head: bool,
+    close: bool,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let body = error.local_body();
+    let status = error.status();
+    out.clear();
+    out.extend_from_slice(
+        format!(
+            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
+            status.as_u16(),
+            status.canonical_reason().unwrap_or(""),
+            body.len()
+        )
+        .as_bytes(),
+    );
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !head {
+        out.extend_from_slice(body.as_bytes());
+    }
+    match io.write_all(out).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+/// Where a response body ends, tracked as its bytes go by unchanged.
+struct Body {
+    framing: Framing,
+    remaining: u64,
+    chunks: Chunks,
+}
+
+impl Body {
+    fn new(framing: Framing) -> Self {
+        let remaining = match framing {
+            Framing::Length(n) => n,
+            _ => 0,
+        };
+        Self { framing, remaining, chunks: Chunks::default() }
+    }
+
+    fn done(&self) -> bool {
+        match self.framing {
+            Framing::Empty => true,
+            Framing::Length(_) => self.remaining == 0,
+            Framing::Chunked => self.chunks.done(),
+            Framing::Close => false,
+        }
+    }
+
+    /// How many of `bytes` belong to the body; an error for broken chunked framing.
+    fn take(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        match self.framing {
+            Framing::Empty => Ok(0),
+            Framing::Length(_) => {
+                let n = usize::try_from(self.remaining).map_or(bytes.len(), |r| r.min(bytes.len()));
+                self.remaining -= n as u64;
+                Ok(n)
+            }
+            Framing::Chunked => self.chunks.feed(bytes),
+            Framing::Close => Ok(bytes.len()),
+        }
+    }
+}
+
+/// The chunked transfer coding (RFC 9112 §7.1), followed byte by byte only to find
+/// its end; the bytes themselves are relayed as they came.
+#[derive(Default, Debug, PartialEq, Eq)]
+enum Chunks {
+    #[default]
+    SizeStart,
+    Size(u64),
+    Extension(u64),
+    SizeLf(u64),
+    Data(u64),
+    DataCr,
+    DataLf,
+    TrailerStart,
+    Trailer,
+    TrailerLf,
+    EndLf,
+    Done,
+}
+
+impl Chunks {
+    fn done(&self) -> bool {
+        *self == Chunks::Done
+    }
+
+    /// Consumes bytes up to the end of the body; returns how many were part of it.
+    fn feed(&mut self, bytes: &[u8]) -> Result<usize, ()> {
+        let mut at = 0;
+        while at < bytes.len() && !self.done() {
+            if let Chunks::Data(left) = *self {
+                let n = usize::try_from(left).map_or(bytes.len() - at, |l| l.min(bytes.len() - at));
+                at += n;
+                let left = left - n as u64;
+                *self = if left == 0 { Chunks::DataCr } else { Chunks::Data(left) };
+                continue;
+            }
+            let byte = bytes[at];
+            at += 1;
+            *self = match (&*self, byte) {
+                (Chunks::SizeStart, _) => Chunks::Size(hex(byte).ok_or(())?),
+                (Chunks::Size(size), b'\r') => Chunks::SizeLf(*size),
+                (Chunks::Size(size), b';' | b' ' | b'\t') => Chunks::Extension(*size),
+                (Chunks::Size(size), _) => {
+                    let digit = hex(byte).ok_or(())?;
+                    Chunks::Size(size.checked_mul(16).and_then(|s| s.checked_add(digit)).ok_or(())?)
+                }
+                (Chunks::Extension(size), b'\r') => Chunks::SizeLf(*size),
+                (Chunks::Extension(_), b'\n') => return Err(()),
+                (Chunks::Extension(size), _) => Chunks::Extension(*size),
+                (Chunks::SizeLf(0), b'\n') => Chunks::TrailerStart,
+                (Chunks::SizeLf(size), b'\n') => Chunks::Data(*size),
+                (Chunks::DataCr, b'\r') => Chunks::DataLf,
+                (Chunks::DataLf, b'\n') => Chunks::SizeStart,
+                (Chunks::TrailerStart, b'\r') => Chunks::EndLf,
+                (Chunks::Trailer, b'\r') => Chunks::TrailerLf,
+                (Chunks::TrailerStart | Chunks::Trailer, _) => Chunks::Trailer,
+                (Chunks::TrailerLf, b'\n') => Chunks::TrailerStart,
+                (Chunks::EndLf, b'\n') => Chunks::Done,
+                _ => return Err(()),
+            };
+        }
+        Ok(at)
+    }
+}
+
+fn hex(byte: u8) -> Option<u64> {
+    (byte as char).to_digit(16).map(u64::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunked_body_ends_after_the_last_chunk_and_trailers() {
+        let body = b"5\r\nhello\r\n1;ext=1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\nNEXT";
+        let mut chunks = Chunks::default();
+        assert_eq!(chunks.feed(body), Ok(body.len() - 4));
+        assert!(chunks.done());
+    }
+
+    #[test]
+    fn chunked_body_split_anywhere_gives_the_same_end() {
+        let body = b"a\r\n0123456789\r\n0\r\n\r\n";
+        for split in 0..body.len() {
+            let mut chunks = Chunks::default();
+            let first = chunks.feed(&body[..split]).unwrap();
+            assert_eq!(first, split);
+            assert_eq!(chunks.feed(&body[split..]), Ok(body.len() - split), "split at {split}");
+            assert!(chunks.done());
+        }
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_an_error() {
+        assert!(Chunks::default().feed(b"x\r\n").is_err());
+        assert!(Chunks::default().feed(b"5\r\nhelloXX").is_err());
+        assert!(Chunks::default().feed(b"ffffffffffffffffff\r\n").is_err());
+    }
+
+    #[test]
+    fn content_length_is_digits_only() {
+        assert_eq!(parse_length(b"42"), Some(42));
+        assert_eq!(parse_length(b"+42"), None);
+        assert_eq!(parse_length(b"4 2"), None);
+        assert_eq!(parse_length(b""), None);
+        assert_eq!(parse_length(b"99999999999999999999"), None);
+    }
+
+    #[test]
+    fn response_heads_lose_hop_by_hop_headers_and_keep_their_framing() {
+        let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\ncontent-length: 3\r\nx-kept: 2\r\n\r\nabc";
+        let head = parse_response(raw, false).ok().flatten().unwrap();
+        assert_eq!(head.framing, Framing::Length(3));
+        assert!(head.reusable);
+        let lines = String::from_utf8(head.lines).unwrap();
+        assert_eq!(lines, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kept: 2\r\n");
+        assert_eq!(&raw[head.head_len..], b"abc");
+    }
+
+    #[test]
+    fn responses_without_length_run_to_close_and_head_has_no_body() {
+        let raw = b"HTTP/1.0 200 OK\r\n\r\n";
+        let head = parse_response(raw, false).ok().flatten().unwrap();
+        assert_eq!(head.framing, Framing::Close);
+        assert!(!head.reusable);
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
+        assert_eq!(parse_response(raw, true).ok().flatten().unwrap().framing, Framing::Empty);
+    }
+}
