@@ -1,0 +1,638 @@
+"""The HTTP/1.1 fast path (core/dataplane/src/http1.rs), on real sockets.
+
+Requests whose head and body arrive in one read, on filter-less routes to plain HTTP/1.1
+clusters, are forwarded by the proxy itself over its own pool of upstream connections;
+anything else is handed to hyper mid-connection. These tests cover what that path does
+on its own: pipelining, response framings (chunked with trailers, read-until-close,
+HEAD, interim 1xx), stale pooled upstream connections, the hand-over to hyper with the
+bytes already read, the request headers it rewrites, and its metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pytest
+from helpers import UUID_RE, connect, eventually, read_until_close, simple_config
+
+TIMEOUT = 5.0
+
+
+# ------------------------------------------------------------------------ raw HTTP/1.1
+
+
+def _recv(sock: socket.socket, buf: bytes) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError(f"connection closed mid-message; have {buf[-200:]!r}")
+    return buf + data
+
+
+def _headers(raw_head: bytes) -> tuple[str, list[tuple[str, str]]]:
+    lines = raw_head.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers.append((name.strip().lower(), value.strip()))
+    return lines[0], headers
+
+
+def _read_chunked(sock: socket.socket, buf: bytes) -> tuple[bytes, list[bytes], bytes]:
+    """Decode a chunked body at the front of ``buf``: (body, trailer lines, rest)."""
+    body = b""
+    while True:
+        while b"\r\n" not in buf:
+            buf = _recv(sock, buf)
+        size_line, buf = buf.split(b"\r\n", 1)
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            break
+        while len(buf) < size + 2:
+            buf = _recv(sock, buf)
+        assert buf[size : size + 2] == b"\r\n", f"bad chunk end: {buf[size : size + 2]!r}"
+        body += buf[:size]
+        buf = buf[size + 2 :]
+    trailers = []
+    while True:
+        while b"\r\n" not in buf:
+            buf = _recv(sock, buf)
+        line, buf = buf.split(b"\r\n", 1)
+        if not line:
+            return body, trailers, buf
+        trailers.append(line)
+
+
+@dataclass
+class Response:
+    status: int
+    headers: list[tuple[str, str]]
+    body: bytes
+    rest: bytes
+    trailers: list[bytes] = field(default_factory=list)
+    interim: list[int] = field(default_factory=list)
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k == name), None)
+
+    def json(self) -> dict:
+        return json.loads(self.body)
+
+
+def read_response(sock: socket.socket, buf: bytes = b"", head: bool = False) -> Response:
+    """One final response (1xx skipped and noted); a chunked body's trailers are kept."""
+    interim = []
+    while True:
+        while b"\r\n\r\n" not in buf:
+            buf = _recv(sock, buf)
+        raw_head, buf = buf.split(b"\r\n\r\n", 1)
+        status_line, headers = _headers(raw_head)
+        status = int(status_line.split(" ", 2)[1])
+        if 100 <= status < 200:
+            interim.append(status)
+            continue
+        break
+    hmap = dict(headers)
+    if head or status in (204, 304):
+        return Response(status, headers, b"", buf, interim=interim)
+    if "chunked" in hmap.get("transfer-encoding", "").lower():
+        body, trailers, rest = _read_chunked(sock, buf)
+        return Response(status, headers, body, rest, trailers, interim)
+    if "content-length" in hmap:
+        n = int(hmap["content-length"])
+        while len(buf) < n:
+            buf = _recv(sock, buf)
+        return Response(status, headers, buf[:n], buf[n:], interim=interim)
+    return Response(status, headers, buf + read_until_close(sock, TIMEOUT), b"", interim=interim)
+
+
+def get(path: str, extra: str = "", method: str = "GET") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: svc.test\r\n{extra}\r\n".encode()
+
+
+def post(path: str, body: bytes, extra: str = "") -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: svc.test\r\ncontent-length: {len(body)}\r\n{extra}\r\n"
+    return head.encode() + body
+
+
+def assert_nothing_more(sock: socket.socket, buf: bytes, seconds: float) -> None:
+    """No byte follows the response (``buf``: what was read past it) for ``seconds``,
+    and the connection stays open."""
+    sock.settimeout(seconds)
+    try:
+        extra = sock.recv(65536)
+    except TimeoutError:
+        extra = None
+    finally:
+        sock.settimeout(TIMEOUT)
+    assert buf == b"" and extra is None, f"bytes after the response: {buf!r} + {extra!r}"
+
+
+# ------------------------------------------------------------------ raw upstream servers
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+
+def read_request(conn: socket.socket, buf: bytes) -> tuple[Request, bytes] | None:
+    """One request from an upstream connection; None on a clean EOF between requests."""
+    while b"\r\n\r\n" not in buf:
+        data = conn.recv(65536)
+        if not data:
+            return None
+        buf += data
+    raw_head, buf = buf.split(b"\r\n\r\n", 1)
+    request_line, headers = _headers(raw_head)
+    method, target, _ = request_line.split(" ", 2)
+    hmap = dict(headers)
+    if "chunked" in hmap.get("transfer-encoding", "").lower():
+        body, _, buf = _read_chunked(conn, buf)
+    else:
+        n = int(hmap.get("content-length", "0"))
+        while len(buf) < n:
+            buf = _recv(conn, buf)
+        body, buf = buf[:n], buf[n:]
+    return Request(method, target, headers, body), buf
+
+
+class RawUpstream:
+    """Keep-alive HTTP/1.1 upstream whose ``respond(conn, request)`` writes each answer
+    (returning False to stop serving the connection); requests are recorded."""
+
+    def __init__(self, respond: Callable[[socket.socket, Request], bool | None]) -> None:
+        self.respond = respond
+        self.requests: list[Request] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, conn: socket.socket) -> None:
+        conn.settimeout(30)
+        buf = b""
+        while (got := read_request(conn, buf)) is not None:
+            request, buf = got
+            with self.lock:
+                self.requests.append(request)
+            if self.respond(conn, request) is False:
+                return
+
+
+def rst_close(conn: socket.socket) -> None:
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    conn.close()
+
+
+def ok(body: bytes, extra: bytes = b"") -> bytes:
+    return b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body)
+
+
+# ---------------------------------------------------------------------------- 1 pipelining
+
+
+def test_pipelined_requests_are_answered_in_order(run_proxy, upstream):
+    proxy = run_proxy(simple_config([upstream.addr]))
+    body = b"pipelined body \x00\xff" * 10
+    burst = (
+        get("/delay?ms=150")  # the slowest first: later answers must wait for it
+        + get("/p/1")
+        + post("/p/2", body)
+        + get("/p/3", "Connection: close\r\n")
+    )
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(burst)
+        buf = b""
+        echoes = []
+        for _ in range(4):
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert resp.status == 200, resp
+            echoes.append(resp.json())
+        assert [(e["method"], e["path"]) for e in echoes] == [
+            ("GET", "/delay"),
+            ("GET", "/p/1"),
+            ("POST", "/p/2"),
+            ("GET", "/p/3"),
+        ]
+        assert echoes[2]["body_sha256"] == hashlib.sha256(body).hexdigest()
+        assert echoes[1]["body_len"] == echoes[3]["body_len"] == 0
+        # the last request asked to close: nothing more, then EOF
+        assert buf + read_until_close(sock, TIMEOUT) == b""
+
+
+def test_pipelined_burst_straddling_reads_is_answered_in_order(run_proxy, upstream):
+    """40 requests of ~400 bytes in one write: some heads are cut by the proxy's reads
+    (a partial head is handed to hyper), yet every answer comes, in order."""
+    proxy = run_proxy(simple_config([upstream.addr]))
+    pad = "x-pad: " + "p" * 350 + "\r\n"
+    n = 40
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(b"".join(get(f"/burst/{i}", pad) for i in range(n)))
+        buf = b""
+        paths = []
+        for _ in range(n):
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert resp.status == 200
+            paths.append(resp.json()["path"])
+        assert paths == [f"/burst/{i}" for i in range(n)]
+        sock.sendall(get("/after"))
+        assert read_response(sock, buf).json()["path"] == "/after"
+
+
+# ------------------------------------------------------------- 2 chunked with trailers
+
+
+CHUNKS = [b"hello", b", ", b"chunked" * 100, b"\r\n0\r\n inside data", b"!"]
+
+
+def chunked_with_trailers(conn: socket.socket, request: Request) -> None:
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n"
+        b"transfer-encoding: chunked\r\ntrailer: x-checksum, x-count\r\n\r\n"
+    )
+    for i, chunk in enumerate(CHUNKS):
+        ext = b";ext=%d" % i if i % 2 else b""
+        conn.sendall(b"%x%s\r\n%s\r\n" % (len(chunk), ext, chunk))
+        time.sleep(0.01)
+    digest = hashlib.sha256(b"".join(CHUNKS)).hexdigest().encode()
+    # the last chunk and trailers split across writes, as a slow upstream might
+    conn.sendall(b"0\r\nx-checksum: " + digest[:10])
+    time.sleep(0.02)
+    conn.sendall(digest[10:] + b"\r\nx-count: %d\r\n" % len(CHUNKS))
+    time.sleep(0.02)
+    conn.sendall(b"\r\n")
+
+
+def test_chunked_response_with_trailers_is_relayed_and_keeps_the_connection(run_proxy, tcp_server):
+    server = tcp_server(RawUpstream(chunked_with_trailers))
+    proxy = run_proxy(simple_config([server.addr]))
+    expected = b"".join(CHUNKS)
+    digest = hashlib.sha256(expected).hexdigest()
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        buf = b""
+        for i in range(2):
+            sock.sendall(get(f"/chunked/{i}", "TE: trailers\r\n"))
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert resp.status == 200
+            assert resp.header("transfer-encoding") == "chunked"
+            assert resp.body == expected
+            assert resp.trailers == [
+                f"x-checksum: {digest}".encode(),
+                f"x-count: {len(CHUNKS)}".encode(),
+            ]
+            assert buf == b""
+    # the body's end was found exactly: the upstream connection went back to the pool
+    assert server.accepted == 1
+    assert [r.target for r in server.handler.requests] == ["/chunked/0", "/chunked/1"]
+
+
+# ----------------------------------------------------------- 3 response without a length
+
+
+@pytest.mark.parametrize("version", ["HTTP/1.1", "HTTP/1.0"])
+def test_response_without_length_is_relayed_then_connection_closed(run_proxy, tcp_server, version):
+    pieces = [b"first part; ", b"second part; " * 200, b"last part"]
+
+    def until_close(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(f"{version} 200 OK\r\ncontent-type: text/plain\r\n\r\n".encode())
+        for piece in pieces:
+            time.sleep(0.02)
+            conn.sendall(piece)
+        conn.shutdown(socket.SHUT_WR)
+        return False
+
+    server = tcp_server(RawUpstream(until_close))
+    proxy = run_proxy(simple_config([server.addr]))
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/no-length"))  # a keep-alive request
+        data = read_until_close(sock, TIMEOUT)
+    head, _, body = data.partition(b"\r\n\r\n")
+    status_line, headers = _headers(head)
+    assert status_line.startswith("HTTP/1.1 200"), data[:200]
+    hmap = dict(headers)
+    assert hmap.get("connection") == "close", head
+    assert "content-length" not in hmap and "transfer-encoding" not in hmap, head
+    assert body == b"".join(pieces)
+
+
+# ---------------------------------------------------------- 4 stale pooled connections
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+def test_upstream_closing_idle_pooled_connections_causes_no_error(run_proxy, tcp_server, close):
+    """The upstream answers one keep-alive request per connection, then closes it 50 ms
+    later without saying so. GETs after 0.3 s find the pooled connection dead (retried
+    on a fresh one); after more than 1 s the pool's check finds it, so a POST, which is
+    never retried, gets through too."""
+
+    def one_then_close(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(ok(f"{request.method} {request.target} {len(request.body)}".encode()))
+        time.sleep(0.05)
+        if close == "rst":
+            rst_close(conn)
+        else:
+            conn.shutdown(socket.SHUT_RDWR)
+        return False
+
+    server = tcp_server(RawUpstream(one_then_close))
+    proxy = run_proxy(simple_config([server.addr]))
+    seen = []
+
+    def exchange(sock: socket.socket, request: bytes, expected: bytes) -> None:
+        sock.sendall(request)
+        resp = read_response(sock)
+        seen.append(resp.status)
+        assert (resp.status, resp.body) == (200, expected), (seen, resp)
+
+    with connect(proxy.addr(), TIMEOUT) as kept:
+        for i in range(2):
+            exchange(kept, get(f"/same/{i}"), f"GET /same/{i} 0".encode())
+            time.sleep(0.3)
+            with connect(proxy.addr(), TIMEOUT) as fresh:
+                exchange(fresh, get(f"/fresh/{i}"), f"GET /fresh/{i} 0".encode())
+            time.sleep(0.3)
+        time.sleep(1.2)
+        exchange(kept, post("/post-after-1s", b"12345"), b"POST /post-after-1s 5")
+        with connect(proxy.addr(), TIMEOUT) as fresh:
+            exchange(fresh, get("/get-after-1s"), b"GET /get-after-1s 0")
+    # every request went over a connection of its own
+    assert server.accepted == len(seen) == 6
+
+
+@pytest.mark.parametrize(
+    ("via", "close"), [("fast-path", "fin"), ("fast-path", "rst"), ("hyper", "fin")]
+)
+def test_post_shortly_after_upstream_closed_idle_connection(run_proxy, tcp_server, close, via):
+    """A POST is not retried, so it must not be sent on a pooled connection the upstream
+    closed 0.3 s earlier (hyper's pool notices the close as it happens; ``hyper``, where
+    a Connection token hands the client connection to hyper, is the reference)."""
+
+    def one_then_close(conn: socket.socket, request: Request) -> bool:
+        conn.sendall(ok(f"{request.method} {request.target} {len(request.body)}".encode()))
+        time.sleep(0.05)
+        if close == "rst":
+            rst_close(conn)
+        else:
+            conn.shutdown(socket.SHUT_RDWR)
+        return False
+
+    server = tcp_server(RawUpstream(one_then_close))
+    proxy = run_proxy(simple_config([server.addr]))
+    to_hyper = "Connection: keep-alive, x-to-hyper\r\n" if via == "hyper" else ""
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/first", to_hyper))
+        first = read_response(sock)
+        assert (first.status, first.body) == (200, b"GET /first 0")
+        time.sleep(0.3)  # the upstream closed its side 0.25 s ago
+        sock.sendall(post("/second", b"12345"))
+        second = read_response(sock, first.rest)
+    assert (second.status, second.body) == (200, b"POST /second 5"), second
+    assert server.accepted == 2
+
+
+# ----------------------------------------------------------------------------- 5 HEAD
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_head_response_has_no_body_and_connection_stays_usable(run_proxy, tcp_server, framing):
+    def respond(conn: socket.socket, request: Request) -> None:
+        if request.method == "HEAD":
+            length = (
+                b"content-length: 1234"
+                if framing == "content-length"
+                else b"transfer-encoding: chunked"
+            )
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n" + length + b"\r\n\r\n")
+        else:
+            conn.sendall(ok(f"after {request.target}".encode()))
+
+    server = tcp_server(RawUpstream(respond))
+    proxy = run_proxy(simple_config([server.addr]))
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        for i in range(2):
+            sock.sendall(get(f"/head/{i}", method="HEAD"))
+            resp = read_response(sock, head=True)
+            assert resp.status == 200
+            if framing == "content-length":
+                assert resp.header("content-length") == "1234"
+            else:
+                assert resp.header("transfer-encoding") == "chunked"
+            assert_nothing_more(sock, resp.rest, 0.15)
+            sock.sendall(get(f"/get/{i}"))
+            resp = read_response(sock)
+            assert (resp.status, resp.body, resp.rest) == (200, f"after /get/{i}".encode(), b"")
+    # a HEAD answer ends with its head: the upstream connection was reused throughout
+    assert server.accepted == 1
+    assert [r.method for r in server.handler.requests] == ["HEAD", "GET", "HEAD", "GET"]
+
+
+# ------------------------------------------------------------------- 6 interim responses
+
+
+@pytest.mark.parametrize("together", [False, True], ids=["separate-writes", "one-write"])
+def test_interim_responses_are_followed_by_the_final_one(run_proxy, tcp_server, together):
+    interim = (
+        b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload; as=style\r\n\r\n"
+        b"HTTP/1.1 103 Early Hints\r\nlink: </app.js>; rel=preload; as=script\r\n\r\n"
+    )
+
+    def respond(conn: socket.socket, request: Request) -> None:
+        final = ok(f"final {request.target}".encode(), b"content-type: text/plain\r\n")
+        if together:
+            conn.sendall(interim + final)
+        else:
+            conn.sendall(interim)
+            time.sleep(0.05)
+            conn.sendall(final)
+
+    server = tcp_server(RawUpstream(respond))
+    proxy = run_proxy(simple_config([server.addr]))
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        buf = b""
+        for i in range(2):
+            sock.sendall(get(f"/hints/{i}"))
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert set(resp.interim) <= {103}, resp.interim
+            assert resp.status == 200
+            assert resp.body == f"final /hints/{i}".encode()
+            assert buf == b""
+    assert server.accepted == 1
+
+
+# --------------------------------------------------------- 7 hand-over to hyper mid-way
+
+
+CHUNKED_BODY = [b"chunk-one;", b"x" * 5000, b"\r\n0\r\n\r\n (not the end)", b"last"]
+
+
+def chunked_post(path: str) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: svc.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return (
+        head.encode() + b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in CHUNKED_BODY) + b"0\r\n\r\n"
+    )
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+@pytest.mark.parametrize("trigger", ["chunked", "split-body"])
+def test_hand_over_to_hyper_mid_connection(run_proxy, upstream, trigger, pipelined):
+    """GET (fast path), a POST the fast path cannot take (a chunked body, or a body not
+    yet read in full), then GET: all three answered, the POST's body intact."""
+    proxy = run_proxy(simple_config([upstream.addr]))
+    if trigger == "chunked":
+        body = b"".join(CHUNKED_BODY)
+        # sent whole: the bytes read with it go to hyper
+        parts = [chunked_post("/b")]
+    else:
+        body = bytes(range(256)) * 800
+        whole = post("/b", body)
+        cut = len(whole) - len(body) + 1000
+        parts = [whole[:cut], whole[cut:]]
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        if pipelined:
+            sock.sendall(get("/a") + parts[0])
+            for part in parts[1:]:
+                time.sleep(0.1)
+                sock.sendall(part)
+            sock.sendall(get("/c"))
+            buf = b""
+            echoes = []
+            for _ in range(3):
+                resp = read_response(sock, buf)
+                buf = resp.rest
+                assert resp.status == 200
+                echoes.append(resp.json())
+        else:
+            sock.sendall(get("/a"))
+            first = read_response(sock)
+            for part in parts:
+                sock.sendall(part)
+                time.sleep(0.1)
+            second = read_response(sock, first.rest)
+            sock.sendall(get("/c"))
+            third = read_response(sock, second.rest)
+            assert [r.status for r in (first, second, third)] == [200, 200, 200]
+            echoes = [r.json() for r in (first, second, third)]
+    assert [(e["method"], e["path"]) for e in echoes] == [
+        ("GET", "/a"),
+        ("POST", "/b"),
+        ("GET", "/c"),
+    ]
+    assert echoes[1]["body_len"] == len(body)
+    assert echoes[1]["body_sha256"] == hashlib.sha256(body).hexdigest()
+
+
+# -------------------------------------------------------------- 8 request headers rewritten
+
+
+def test_fast_path_request_headers(run_proxy, tcp_server):
+    def echo_headers(conn: socket.socket, request: Request) -> None:
+        conn.sendall(ok(json.dumps(request.headers).encode()))
+
+    server = tcp_server(RawUpstream(echo_headers))
+    proxy = run_proxy(simple_config([server.addr]))
+    spoofing = (
+        "Connection: keep-alive\r\n"
+        "Keep-Alive: timeout=5, max=100\r\n"
+        "Proxy-Connection: keep-alive\r\n"
+        "X-Forwarded-For: 1.2.3.4\r\n"
+        "X-Forwarded-For: 5.6.7.8\r\n"
+        "X-Forwarded-Proto: https\r\n"
+        "X-Forwarded-Client-Cert: By=spiffe://evil/ns/x;URI=spiffe://evil/ns/admin\r\n"
+        "Forwarded: for=9.9.9.9\r\n"
+        "X-Keep: yes\r\n"
+    )
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/h1", spoofing))
+        first = read_response(sock)
+        sock.sendall(get("/h2", "x-request-id: client-id-42\r\nx-forwarded-for: 1.2.3.4\r\n"))
+        second = read_response(sock, first.rest)
+        sock.sendall(get("/h3"))
+        third = read_response(sock, second.rest)
+    assert server.accepted == 1, "all three should be on the fast path's pooled connection"
+
+    def upstream_headers(resp: Response) -> dict[str, list[str]]:
+        assert resp.status == 200
+        headers: dict[str, list[str]] = {}
+        for name, value in resp.json():
+            headers.setdefault(name, []).append(value)
+        return headers
+
+    h1, h2, h3 = (upstream_headers(r) for r in (first, second, third))
+    for name in ("connection", "keep-alive", "proxy-connection", "x-forwarded-client-cert"):
+        assert name not in h1, (name, h1)
+    assert h1["x-keep"] == ["yes"]
+    assert h1["host"] == ["svc.test"]
+    assert ", ".join(h1["x-forwarded-for"]) == "1.2.3.4, 5.6.7.8, 127.0.0.1"
+    assert h1["x-forwarded-proto"] == ["http"]
+    # the client's element is kept and ours is the last one
+    forwarded = [e.strip() for v in h1["forwarded"] for e in v.split(",")]
+    assert forwarded[0] == "for=9.9.9.9"
+    assert forwarded[-1] == "for=127.0.0.1;proto=http", forwarded
+    assert len(h1["x-request-id"]) == 1 and UUID_RE.match(h1["x-request-id"][0]), h1
+    assert len(h1["x-request-id"][0]) == 36
+
+    assert h2["x-request-id"] == ["client-id-42"]
+    assert ", ".join(h2["x-forwarded-for"]) == "1.2.3.4, 127.0.0.1"
+
+    assert h3["x-forwarded-for"] == ["127.0.0.1"]
+    assert h3["forwarded"] == ["for=127.0.0.1;proto=http"]
+    assert h3["x-forwarded-proto"] == ["http"]
+    assert UUID_RE.match(h3["x-request-id"][0])
+    assert h3["x-request-id"] != h1["x-request-id"]
+
+
+# -------------------------------------------------------------------------- 10 metrics
+
+
+def test_fast_path_requests_are_counted(run_proxy, upstream):
+    proxy = run_proxy(simple_config([upstream.addr]))
+    labels = {"listener": "edge", "route": "all", "cluster": "backend"}
+    with connect(proxy.addr(), TIMEOUT) as sock:  # one request, so the route's series exist
+        sock.sendall(get("/warm"))
+        read_response(sock)
+    before = proxy.metrics()
+
+    def counts(m) -> tuple[float, float, float]:
+        return (
+            m.get("request_total", **labels),
+            m.get("response_total", status_code="200", classification="success", **labels),
+            m.get("response_latency_ms_count", **labels),
+        )
+
+    base = counts(before)
+    assert base == (1, 1, 1), base
+    n = 0
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        buf = b""
+        for i in range(5):  # one by one ...
+            sock.sendall(get(f"/m/{i}"))
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert resp.status == 200
+            n += 1
+        sock.sendall(b"".join(get(f"/pipelined/{i}") for i in range(4)))  # ... and pipelined
+        for _ in range(4):
+            resp = read_response(sock, buf)
+            buf = resp.rest
+            assert resp.status == 200
+            n += 1
+        sock.sendall(get("/status?code=503"))
+        assert read_response(sock, buf).status == 503
+
+    def counted():
+        m = proxy.metrics()
+        assert counts(m) == (base[0] + n + 1, base[1] + n, base[2] + n + 1)
+        assert m.get("response_total", status_code="503", classification="failure", **labels) == 1
+
+    eventually(counted)
