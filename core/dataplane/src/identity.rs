@@ -108,7 +108,7 @@ impl Identity {
         let chain = read_certs(&config.cert).map_err(|e| format!("identity.cert: {e}"))?;
         let id = SpiffeId::of_certificate(&chain[0]).map_err(|e| format!("identity.cert: {e}"))?;
         let key = read_key(&config.key).map_err(|e| format!("identity.key: {e}"))?;
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let provider = crate::tls::crypto_provider();
         let signing_key = provider
             .key_provider
             .load_private_key(key)
@@ -136,6 +136,7 @@ impl Identity {
             .with_client_cert_verifier(verifier)
             .with_cert_resolver(Arc::new(SingleCert(certified.clone())));
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server.ignore_client_order = true;
         // No resumption: every connection presents and verifies a certificate (an expired
         // one is not let back in through a session resumed after its end).
         server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
