@@ -141,11 +141,14 @@ def sidecar(
     identity: Creds | None = None,
     inbound_mtls: bool = False,
     outbound_mtls: bool = False,
+    server_tls: Creds | None = None,
 ) -> peers.Service:
     """One ``meshpy proxy`` with one http listener routing ``/`` to one endpoint.
 
     ``inbound_mtls``: the listener is ``mtls: strict``; ``outbound_mtls``: the cluster is
-    ``tls: mesh`` and expects sidecar b's identity. Both need ``identity``.
+    ``tls: mesh`` and expects sidecar b's identity. Both need ``identity``. ``server_tls``:
+    the listener serves HTTPS (``tls: {cert, key}``) with that certificate and key, asking
+    for no client certificate; not together with ``inbound_mtls``.
     """
     workdir.mkdir(parents=True)
     port, admin = peers.free_port(), peers.free_port()
@@ -163,6 +166,11 @@ def sidecar(
         f"    listen: {peers.HOST}:{port}",
         "    protocol: http",
         *(["    mtls: strict"] if inbound_mtls else []),
+        *(
+            ["    tls:", f"      cert: {server_tls.cert}", f"      key: {server_tls.key}"]
+            if server_tls is not None
+            else []
+        ),
         "    routes:",
         "      - match: {path_prefix: /}",
         "        cluster: next",

@@ -219,6 +219,9 @@ def test_churn_handshake_target_becomes_a_check() -> None:
     target |= {"measured_per_s": 600.0, "met_measured": False, "capacity_per_s": 1800}
     (check,) = suite.module_checks("churn", {"handshake_target": target}, ("unused",))
     assert check["value"].startswith("600/s (one-core capacity") and check["met"] is False
+    target |= {"mtls_capacity_per_s": 1200}  # mutual TLS: shown beside it, not judged
+    (check,) = suite.module_checks("churn", {"handshake_target": target}, ("unused",))
+    assert check["value"].endswith("one-core capacity 1,200/s") and check["met"] is False
 
 
 def test_a_missing_module_is_skipped_with_a_note() -> None:
