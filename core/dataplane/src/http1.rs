@@ -1,14 +1,14 @@
 //! The HTTP/1.1 fast path.
 //!
 //! A request that has everything in hand — its whole head and body in the bytes read
-//! so far, a route without filters, a plain HTTP/1.1 upstream — is forwarded by
-//! copying bytes: its head is parsed once in place and rewritten straight into the
-//! upstream write, and the response head is relayed the same way, all on the
-//! downstream connection's own task. The first request that needs more (an upgrade,
-//! `Expect`, a chunked or large body, a partial or invalid head, filters, an
-//! authorization policy, an HTTP/2 or mTLS upstream, gRPC) hands the connection, with
-//! the bytes already read, to hyper for the rest of its life, so every rule hyper
-//! enforces (400, 413, 431, slow headers, smuggling) still applies.
+//! so far, a route without filters, an HTTP/1.1 upstream (plain or mesh mTLS) — is
+//! forwarded by copying bytes: its head is parsed once in place, checked against the
+//! authorization policy and routed, rewritten straight into the upstream write, and
+//! the response head is relayed the same way, all on the downstream connection's own
+//! task. The first request that needs more (an upgrade, `Expect`, a chunked or large
+//! body, a partial or invalid head, filters, an HTTP/2 upstream, gRPC) hands the
+//! connection, with the bytes already read, to hyper for the rest of its life, so
+//! every rule hyper enforces (400, 413, 431, slow headers, smuggling) still applies.
 
 use std::io;
 use std::sync::Arc;
@@ -18,7 +18,6 @@ use bytes::{Buf, BytesMut};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::access_log::Entry;
 use crate::balance::InFlight;
@@ -26,7 +25,7 @@ use crate::drain::Drain;
 use crate::http_proxy::{request_id, ConnCtx, ProxyError};
 use crate::io::{ConnState, MeteredIo, Rewind};
 use crate::listener::serve_hyper;
-use crate::pool::{EndpointPool, PlainConn};
+use crate::pool::{EndpointPool, RawConn, Upstream};
 use crate::routing::host_without_port;
 use crate::snapshot::{HttpServer, Kind, Route};
 
@@ -141,15 +140,17 @@ where
     let started = Instant::now();
     let listener = ctx.listener();
     let Kind::Http { routes, server } = &listener.kind else { return Next::Hyper };
-    if listener.authz.is_some() {
-        return Next::Hyper;
-    }
     let log = ctx.accepted.access_log.as_ref();
-    let plan = match plan(buffers.read, &mut buffers.request, ctx, routes, server, &listener, log.is_some()) {
+    let decision = plan(buffers.read, &mut buffers.request, ctx, routes, server, &listener, log.is_some());
+    if !matches!(decision, Decision::Hyper) {
+        if let Some(inbound) = &ctx.inbound {
+            inbound.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+    let plan = match decision {
         Decision::Forward(plan) => plan,
-        Decision::NoRoute { host, consumed, close, head, mut entry } => {
+        Decision::Answer { error, consumed, close, head, mut entry } => {
             buffers.read.advance(consumed);
-            let error = ProxyError::NoRoute(host);
             let close = close || ctx.shared.drain.is_draining();
             if let (Some(log), Some(entry)) = (log, entry.as_mut()) {
                 entry.status = error.status().as_u16();
@@ -160,9 +161,6 @@ where
         }
         Decision::Hyper => return Next::Hyper,
     };
-    if let Some(inbound) = &ctx.inbound {
-        inbound.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    }
     plan.route.metrics.request();
     buffers.read.advance(plan.consumed);
     let mut plan = plan;
@@ -188,7 +186,14 @@ struct Plan<'l> {
 
 enum Decision<'l> {
     Forward(Plan<'l>),
-    NoRoute { host: String, consumed: usize, close: bool, head: bool, entry: Option<Entry> },
+    /// Refused by the authorization policy, or no route: the proxy answers itself.
+    Answer {
+        error: ProxyError,
+        consumed: usize,
+        close: bool,
+        head: bool,
+        entry: Option<Entry>,
+    },
     Hyper,
 }
 
@@ -262,19 +267,6 @@ fn plan<'l>(
     };
     let head = method == Method::HEAD;
 
-    let matched_host = host_without_port(host);
-    let path = path_and_query.path();
-    let mut header_map = None;
-    let no_headers = HeaderMap::new();
-    let route = routes.iter().find(|route| {
-        let headers = if route.matcher.has_header_conditions() {
-            &*header_map.get_or_insert_with(|| to_header_map(request.headers))
-        } else {
-            &no_headers
-        };
-        route.matcher.matches(&matched_host, path, &method, headers)
-    });
-
     let mut entry = logging.then(|| Entry {
         listener: ctx.accepted.name.clone(),
         method: method.to_string(),
@@ -284,17 +276,36 @@ fn plan<'l>(
         identity: ctx.identity.as_deref().map(str::to_owned),
         ..Entry::default()
     });
-    let Some(route) = route else {
+    let answer = |error: ProxyError, mut entry: Option<Entry>| {
         if let Some(entry) = entry.as_mut() {
             // As on the hyper path, a logged request gets an id even when refused.
             let id = header_value(request.headers, "x-request-id");
             entry.request_id = id.or_else(|| request_id().to_str().ok().map(str::to_owned));
         }
-        let host = matched_host.into_owned();
-        return Decision::NoRoute { host, consumed, close, head, entry };
+        Decision::Answer { error, consumed, close, head, entry }
     };
+
+    let path = path_and_query.path();
+    let mut header_map = None;
+    if let Some(policy) = &listener.authz {
+        let headers = header_map.get_or_insert_with(|| to_header_map(request.headers));
+        if let Err(denied) = policy.check(ctx.identity.as_deref(), &method, path, headers) {
+            return answer(ProxyError::Denied(denied), entry);
+        }
+    }
+    let matched_host = host_without_port(host);
+    let no_headers = HeaderMap::new();
+    let route = routes.iter().find(|route| {
+        let headers = if route.matcher.has_header_conditions() {
+            &*header_map.get_or_insert_with(|| to_header_map(request.headers))
+        } else {
+            &no_headers
+        };
+        route.matcher.matches(&matched_host, path, &method, headers)
+    });
+    let Some(route) = route else { return answer(ProxyError::NoRoute(matched_host.into_owned()), entry) };
     let cluster = &route.cluster;
-    if route.filters.is_some() || cluster.config.tls.is_some() || cluster.upstream_http2(false) {
+    if route.filters.is_some() || cluster.upstream_http2(false) {
         return Decision::Hyper;
     }
 
@@ -413,9 +424,9 @@ where
     for _ in 0..2 {
         let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
         let pool = cluster.pool(index);
-        let conn = match pool.take_plain(started) {
+        let conn = match pool.take_raw(started) {
             Some(conn) => Ok((conn, true)),
-            None => pool.connect_plain().await.map(|conn| (conn, false)),
+            None => pool.connect_raw().await.map(|conn| (conn, false)),
         };
         match conn {
             Ok((conn, reused)) => {
@@ -452,7 +463,7 @@ where
             Err(Failure::Silent(cause)) if reused && plan.idempotent => {
                 // The pooled connection had been closed by the upstream: a fresh one.
                 tracing::debug!(cluster = cluster.name(), %cause, "pooled connection was closed; retrying");
-                conn = cluster.pool(index).connect_plain().await.map_err(Failure::Connect)?;
+                conn = cluster.pool(index).connect_raw().await.map_err(Failure::Connect)?;
                 relay.clear();
                 round_trip(&mut conn.stream, &buffers.request, &mut relay, plan.head).await
             }
@@ -488,8 +499,8 @@ where
         entry.duration = answered - started;
     }
     let close = plan.close || response.framing == Framing::Close || ctx.shared.drain.is_draining();
-    let upstream = Upstream { conn, pool: cluster.pool(index), in_flight, answered };
-    relay_response(io, buffers, &mut relay, response, close, upstream).await
+    let source = Source { conn, pool: cluster.pool(index), in_flight, answered };
+    relay_response(io, buffers, &mut relay, response, close, source).await
 }
 
 /// Why no response head came back.
@@ -525,12 +536,17 @@ struct ResponseHead {
 
 /// Writes the request and reads until a final response head is in `relay`.
 async fn round_trip(
-    upstream: &mut TcpStream,
+    upstream: &mut Upstream,
     request: &[u8],
     relay: &mut BytesMut,
     head_request: bool,
 ) -> Result<ResponseHead, Failure> {
-    upstream.write_all(request).await.map_err(|e| Failure::Silent(e.to_string()))?;
+    let sent = async {
+        upstream.write_all(request).await?;
+        // Pushes TLS records out on a mesh connection; nothing to do on a plain one.
+        upstream.flush().await
+    };
+    sent.await.map_err(|e| Failure::Silent(e.to_string()))?;
     let mut received = false;
     loop {
         if !relay.is_empty() {
@@ -628,8 +644,8 @@ fn parse_response(relay: &[u8], head_request: bool) -> Result<Option<ResponseHea
 }
 
 /// The connection a response comes from, and what to do with it once the body ends.
-struct Upstream<'a> {
-    conn: PlainConn,
+struct Source<'a> {
+    conn: RawConn,
     pool: &'a EndpointPool,
     /// Keeps the endpoint's request counted as in flight until the body ends.
     in_flight: InFlight,
@@ -645,7 +661,7 @@ async fn relay_response<T>(
     relay: &mut BytesMut,
     head: ResponseHead,
     close: bool,
-    upstream: Upstream<'_>,
+    source: Source<'_>,
 ) -> Next
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -659,7 +675,7 @@ where
     out.extend_from_slice(b"\r\n");
     relay.advance(head.head_len);
     let mut body = Body::new(head.framing);
-    let Upstream { mut conn, pool, in_flight, answered } = upstream;
+    let Source { mut conn, pool, in_flight, answered } = source;
     // The first body bytes go out with the head, in one write.
     let Ok(first) = body.take(relay) else { return Next::Close };
     out.extend_from_slice(&relay[..first]);
@@ -689,7 +705,7 @@ where
     if head.reusable && !extra && head.framing != Framing::Close {
         // A body that took more reads may have taken a while.
         let ended = if streamed { Instant::now() } else { answered };
-        pool.release_plain(conn, ended);
+        pool.release_raw(conn, ended);
     }
     if close {
         Next::Close

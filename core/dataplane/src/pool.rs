@@ -3,8 +3,11 @@
 //! plain TCP connections the HTTP/1.1 fast path writes to directly.
 
 use std::cell::Cell;
+use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
@@ -12,7 +15,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
@@ -56,14 +59,15 @@ struct Idle {
     since: Instant,
 }
 
-/// A plain TCP connection to an endpoint, counted as open while it lives.
-pub struct PlainConn {
-    pub stream: TcpStream,
+/// A connection the HTTP/1.1 fast path writes to directly (mTLS for `tls: mesh`),
+/// counted as open while it lives.
+pub struct RawConn {
+    pub stream: Upstream,
     _open: OpenConnection,
 }
 
-struct IdlePlain {
-    conn: PlainConn,
+struct IdleRaw {
+    conn: RawConn,
     since: Instant,
     worker: usize,
 }
@@ -75,15 +79,56 @@ pub struct EndpointPool {
     metrics: Arc<ClusterMetrics>,
     idle: Mutex<Vec<Idle>>,
     http2: Mutex<Option<http2::SendRequest<RequestBody>>>,
-    plain_idle: Mutex<Vec<IdlePlain>>,
+    raw_idle: Mutex<Vec<IdleRaw>>,
     /// Set for `tls: mesh` clusters: connections are mutual TLS.
     mesh: Arc<ArcSwapOption<MeshConnector>>,
 }
 
-/// A connection to an endpoint as a TCP listener forwards over it.
+/// A connection to an endpoint, as TCP listeners and the HTTP/1.1 fast path use it.
 pub enum Upstream {
     Plain(TcpStream),
     Mesh(Box<TlsStream<TcpStream>>),
+}
+
+impl Upstream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(stream) => stream,
+            Self::Mesh(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+impl AsyncRead for Upstream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Mesh(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Upstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Mesh(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Mesh(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Mesh(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
+        }
+    }
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to the pool once the
@@ -114,7 +159,7 @@ impl EndpointPool {
             metrics,
             idle: Mutex::new(Vec::new()),
             http2: Mutex::new(None),
-            plain_idle: Mutex::new(Vec::new()),
+            raw_idle: Mutex::new(Vec::new()),
             mesh,
         }
     }
@@ -189,16 +234,16 @@ impl EndpointPool {
         }
     }
 
-    /// An idle plain connection opened by this worker, if there is one still usable
-    /// `now`.
-    pub fn take_plain(&self, now: Instant) -> Option<PlainConn> {
+    /// An idle fast-path connection opened by this worker, if there is one still
+    /// usable `now`.
+    pub fn take_raw(&self, now: Instant) -> Option<RawConn> {
         let worker = WORKER.with(Cell::get);
-        let mut idle = self.plain_idle.lock().unwrap();
+        let mut idle = self.raw_idle.lock().unwrap();
         loop {
             let at = idle.iter().rposition(|i| i.worker == worker)?;
             let candidate = idle.remove(at);
             if now.saturating_duration_since(candidate.since) > self.idle_timeout
-                || !still_open(&candidate.conn.stream)
+                || !still_open(candidate.conn.stream.tcp())
             {
                 continue;
             }
@@ -206,21 +251,25 @@ impl EndpointPool {
         }
     }
 
-    /// Returns a plain connection whose last exchange ended cleanly at `now`.
-    pub fn release_plain(&self, conn: PlainConn, now: Instant) {
-        let mut idle = self.plain_idle.lock().unwrap();
+    /// Returns a fast-path connection whose last exchange ended cleanly at `now`.
+    pub fn release_raw(&self, conn: RawConn, now: Instant) {
+        let mut idle = self.raw_idle.lock().unwrap();
         let expired =
             idle.iter().take_while(|i| now.saturating_duration_since(i.since) > self.idle_timeout).count();
         idle.drain(..expired);
         if idle.len() < MAX_IDLE {
-            idle.push(IdlePlain { conn, since: now, worker: WORKER.with(Cell::get) });
+            idle.push(IdleRaw { conn, since: now, worker: WORKER.with(Cell::get) });
         }
     }
 
-    /// A new plain connection within the connect timeout.
-    pub async fn connect_plain(&self) -> Result<PlainConn, String> {
+    /// A new fast-path connection (mTLS for `tls: mesh`) within the connect timeout.
+    pub async fn connect_raw(&self) -> Result<RawConn, String> {
         let stream = self.connect_tcp().await?;
-        Ok(PlainConn { stream, _open: self.open_connection() })
+        let stream = match self.mesh.load_full() {
+            None => Upstream::Plain(stream),
+            Some(mesh) => Upstream::Mesh(Box::new(self.handshake(&mesh, stream, Carrying::Http1).await?)),
+        };
+        Ok(RawConn { stream, _open: self.open_connection() })
     }
 
     /// Opens a TCP connection to the endpoint within the connect timeout, counting

@@ -3,7 +3,6 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::cluster::Cluster;
-use crate::pool::Upstream;
 
 /// Connects to an endpoint of `cluster` (trying the others when one refuses) and
 /// copies bytes until both sides have closed.
@@ -25,11 +24,8 @@ pub async fn forward<T: AsyncRead + AsyncWrite + Unpin>(mut downstream: T, clust
         let _open = pool.open_connection();
         // copy_bidirectional shuts down each write side when its read side hits EOF,
         // so a client's half-close reaches the upstream and the reply still flows back.
-        let copied = match upstream {
-            Upstream::Plain(mut stream) => tokio::io::copy_bidirectional(&mut downstream, &mut stream).await,
-            Upstream::Mesh(mut stream) => tokio::io::copy_bidirectional(&mut downstream, &mut stream).await,
-        };
-        if let Err(e) = copied {
+        let mut upstream = upstream;
+        if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
             tracing::debug!(cluster = cluster.name(), %endpoint, error = %e, "tcp stream ended with an error");
         }
         return;
