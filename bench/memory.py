@@ -22,8 +22,9 @@ what a user of the sidecar pays). Measured, in this order, on the same process:
   A soak of a minute or less is too short for the verdict to mean much (the slope of a short
   run is dominated by the allocator settling); the suite runs 600 s.
 
-For context, the RSS of ``python -c pass`` and of ``python -c 'import meshpy'`` is reported, to
-split the sidecar's figure into interpreter, meshpy's Python modules and the proxy itself.
+For context, the RSS of ``python -c pass`` and of ``python -c 'import meshpy.cli, meshpy.proxy'``
+(what a sidecar imports before its proxy starts) is reported, to split the sidecar's figure into
+interpreter, meshpy's Python modules and the proxy itself.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ LOAD_SAMPLE_SECONDS = 0.5
 SETTLE_SECONDS = 1.0  # let a proxy finish allocating/freeing before a reading
 CONNECT_BATCH = 100  # connections opened (and requests sent) before their responses are read
 SPARE_FILES = 1024  # file descriptors kept beyond the idle connections
+
+# What a sidecar imports before its proxy starts: the baseline for "meshpy's Python modules".
+SIDECAR_IMPORTS = "import meshpy.cli, meshpy.proxy"
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -459,7 +463,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     raise_open_files_limit(args.idle_connections + SPARE_FILES)
     baselines = {
         "python_kb": python_rss_kb("pass"),
-        "python_import_meshpy_kb": python_rss_kb("import meshpy"),
+        "python_import_sidecar_kb": python_rss_kb(SIDECAR_IMPORTS),
     }
     script = load.write_wrk_script(root)
     systems = []
@@ -527,8 +531,8 @@ def summary_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str
         f"RSS summed over each process tree; {args.idle_connections} idle keep-alive connections "
         "(one GET each); released: share of their growth gone 1 s after closing them; load: "
         f"wrk -c{args.connections} keep-alive for {args.duration:g} s, RSS every 0.5 s.",
-        f"Baselines: python -c pass {_mb(base['python_kb'])} MB; python -c 'import meshpy' "
-        f"{_mb(base['python_import_meshpy_kb'])} MB (the meshpy row includes this interpreter).",
+        f"Baselines: python -c pass {_mb(base['python_kb'])} MB; python -c '{SIDECAR_IMPORTS}' "
+        f"{_mb(base['python_import_sidecar_kb'])} MB (the meshpy row includes this interpreter).",
     ]
     for s in results["systems"]:
         if "soak" in s:
