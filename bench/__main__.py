@@ -23,14 +23,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "(h2load) of meshpy, nginx and HAProxy, each forwarding to the same nginx upstream, "
         "against sending load to that upstream directly.",
         epilog="Other scenarios: `python -m bench filters` measures meshpy routes with Python "
-        "filters against mitmproxy (see `python -m bench filters --help`); `python -m bench "
-        "mesh` measures one and two sidecars, plaintext and mTLS between them, and new mTLS "
+        "filters against mitmproxy (see `python -m bench filters --help`); `python -m bench mesh` "
+        "measures one and two sidecars, plaintext and mTLS between them, and new mTLS "
         "handshakes per second (see `python -m bench mesh --help`); `python -m bench memory` "
         "measures RSS idle, per idle connection, under load and over a soak; `python -m bench "
-        "churn` new connections and mTLS handshakes per second; `python -m bench suite` "
-        "runs every scenario in interleaved rounds, in shared and isolated CPU modes, with "
-        "medians, spreads, the performance targets as a checklist and PNG charts (see `python -m "
-        "bench suite --help`).",
+        "churn` new connections and TLS 1.3 handshakes (server certificate and mTLS) per "
+        "second; `python -m bench suite` runs every scenario in interleaved rounds, in shared "
+        "and isolated CPU modes, with medians, spreads, the performance targets as a checklist "
+        "and PNG charts (see `python -m bench suite --help`).",
     )
     parser.add_argument(
         "--systems",

@@ -15,7 +15,7 @@ Two measurements, both about the cost of a connection rather than of a request:
     for no client certificate; s_time runs without ``-cert/-key``. This is the handshake the
     target is about (>= 3,000 TLS 1.3 handshakes/s on one core), judged on it.
   - ``mtls``: the listener has ``mtls: strict`` (b's identity) and s_time presents a's
-    certificate (``bench.mesh.s_time_command``). The server also verifies the client's chain
+    certificate. The server also verifies the client's chain
     and its CertificateVerify signature, two more ECDSA verifications per handshake, so this
     is the harder case; reported beside the target, for reference.
 
@@ -132,75 +132,10 @@ def start_handshake_sidecars(
 def s_time_command(
     kind: str, port: int, creds: dict[str, mesh.Creds], seconds: int, pin: list[str]
 ) -> list[str]:
-    """``mtls``: mesh's command, presenting a's certificate; ``tls``: the same without
-    ``-cert/-key`` (the listener asks for no client certificate)."""
-    if kind == MTLS:
-        return mesh.s_time_command(port, creds["a"], seconds, pin)
-    return [
-        *pin,
-        "openssl",
-        "s_time",
-        "-connect",
-        f"{peers.HOST}:{port}",
-        "-new",
-        "-time",
-        str(seconds),
-        "-CAfile",
-        str(creds["b"].bundle),
-    ]
-
-
-def measure_handshakes(
-    args: argparse.Namespace, sidecar: peers.Service, command: list[str], label: str
-) -> dict[str, Any] | None:
-    """``--handshake-clients`` parallel ``command`` (an ``openssl s_time -new``): as
-    ``bench.mesh.measure_handshakes``, for any s_time command. Returns handshakes/s (over the
-    wall time of the slowest client) and the sidecar's CPU per handshake, in the same keys
-    (``b_cpu_us_per_handshake``: the sidecar's), or None if a client failed."""
-    start, cpu_start, wall_start = load.CpuSample.now(), sidecar.cpu_seconds(), time.monotonic()
-    procs = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(args.handshake_clients)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=args.handshake_seconds + 60)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    wall = time.monotonic() - wall_start
-    cpu_used = sidecar.cpu_seconds() - cpu_start
-    cpu = load.CpuSample.now().usage_since(start)
-    total = 0
-    for code, out, err in outputs:
-        # s_time prints its count for the -new pass first ("N connections in T s; ...").
-        match = mesh.S_TIME_COUNT.search(out)
-        if code != 0 or match is None:
-            print(f"{label} handshakes failed: exit {code}\n{out}{err}", file=sys.stderr)
-            return None
-        total += int(match.group(1))
-    result = {
-        "tool": "openssl s_time -new",
-        "command": command,
-        "clients": args.handshake_clients,
-        "handshakes": total,
-        "wall_s": round(wall, 3),
-        "handshakes_per_s": round(total / wall, 1),
-        "b_cpu_us_per_handshake": round(cpu_used * 1e6 / total, 1) if total else None,
-        "cpu": cpu,
-    }
-    print(
-        f"{label} handshakes {result['handshakes_per_s']:>10,.0f} /s  ({total} in "
-        f"{wall:.1f} s, {args.handshake_clients} clients)  sidecar cpu "
-        f"{result['b_cpu_us_per_handshake']} µs/handshake  cpu busy {cpu['busy_pct']}% "
-        f"steal {cpu['steal_pct']}%",
-        flush=True,
-    )
-    return result
+    """``mtls``: presenting a's certificate; ``tls``: no client certificate (the listener
+    asks for none)."""
+    client = creds["a"] if kind == MTLS else None
+    return mesh.s_time_command(port, creds["b"].bundle, seconds, pin, client)
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -254,7 +189,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     continue
                 pin = [] if pinning == UNPINNED else peers.pin_prefix(args.handshake_load_cpu)
                 command = s_time_command(kind, sidecar.port, creds, args.handshake_seconds, pin)
-                result = measure_handshakes(args, sidecar, command, label)
+                result = mesh.measure_handshakes(args, sidecar, command, label)
                 if result is None:
                     failures.append(f"round {round_index + 1}: s_time failed")
                 else:

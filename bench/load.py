@@ -122,7 +122,8 @@ def wrk_command(
         "wrk",
         f"-t{threads}",
         f"-c{connections}",
-        f"-d{duration:g}s",
+        # wrk takes whole seconds only: a fractional duration (a short warm-up) is rounded up.
+        f"-d{math.ceil(duration)}s",
         "--latency",
         *header_args(headers),
         "-s",

@@ -261,7 +261,11 @@ def build_systems(
 S_TIME_COUNT = re.compile(r"(\d+) connections in [\d.]+s;")
 
 
-def s_time_command(port: int, creds: Creds, seconds: int, pin: list[str]) -> list[str]:
+def s_time_command(
+    port: int, bundle: Path, seconds: int, pin: list[str], client: Creds | None
+) -> list[str]:
+    """``openssl s_time -new`` against ``port``, presenting ``client``'s certificate if given."""
+    presented = ["-cert", str(client.cert), "-key", str(client.key)] if client else []
     return [
         *pin,
         "openssl",
@@ -271,22 +275,19 @@ def s_time_command(port: int, creds: Creds, seconds: int, pin: list[str]) -> lis
         "-new",
         "-time",
         str(seconds),
-        "-cert",
-        str(creds.cert),
-        "-key",
-        str(creds.key),
+        *presented,
         "-CAfile",
-        str(creds.bundle),
+        str(bundle),
     ]
 
 
 def measure_handshakes(
-    args: argparse.Namespace, b: peers.Service, creds: Creds, load_pin: list[str], label: str
+    args: argparse.Namespace, b: peers.Service, command: list[str], label: str
 ) -> dict[str, Any] | None:
-    """``--handshake-clients`` parallel ``openssl s_time -new`` for ``--handshake-seconds``:
-    each connection is a full TLS 1.3 handshake with a client certificate, then a close.
-    Returns handshakes/s (over the wall time of the slowest client) and B's CPU per one."""
-    command = s_time_command(b.port, creds, args.handshake_seconds, load_pin)
+    """``--handshake-clients`` parallel ``command`` (``s_time_command``) for
+    ``--handshake-seconds``: each connection is a full TLS 1.3 handshake, then a close.
+    Returns handshakes/s (over the wall time of the slowest client) and the server's (B's)
+    CPU per one, or None if a client failed."""
     start, cpu_start, wall_start = load.CpuSample.now(), b.cpu_seconds(), time.monotonic()
     procs = [
         subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -325,7 +326,7 @@ def measure_handshakes(
     }
     print(
         f"{label} handshakes {result['handshakes_per_s']:>10,.0f} /s  ({total} in "
-        f"{wall:.1f} s, {args.handshake_clients} clients)  b cpu "
+        f"{wall:.1f} s, {args.handshake_clients} clients)  server cpu "
         f"{result['b_cpu_us_per_handshake']} µs/handshake  cpu busy {cpu['busy_pct']}% "
         f"steal {cpu['steal_pct']}%",
         flush=True,
@@ -414,7 +415,10 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 if mtls_b.proc is None or mtls_b.proc.poll() is not None:
                     handshake_failures.append(f"round {round_index + 1}: b had exited")
                     continue
-                result = measure_handshakes(args, mtls_b, creds["a"], load_pin, label)
+                command = s_time_command(
+                    mtls_b.port, creds["a"].bundle, args.handshake_seconds, load_pin, creds["a"]
+                )
+                result = measure_handshakes(args, mtls_b, command, label)
                 if result is None:
                     handshake_failures.append(f"round {round_index + 1}: s_time failed")
                 else:
