@@ -636,3 +636,39 @@ def test_fast_path_requests_are_counted(run_proxy, upstream):
         assert m.get("response_total", status_code="503", classification="failure", **labels) == 1
 
     eventually(counted)
+
+
+# ------------------------------------------------------- 11 client gone before the response
+
+
+def test_client_closing_while_upstream_works_cancels_the_upstream_request(run_proxy, tcp_server):
+    """A client that closes while its request waits on a slow upstream: the proxy closes the
+    upstream connection at once (no wasted upstream work, nothing pooled mid-exchange), and
+    keeps serving."""
+    closed_after: list[float] = []
+
+    def slow(conn: socket.socket, request: Request) -> bool:
+        if request.target != "/slow":
+            conn.sendall(ok(b"fine"))
+            return True
+        started = time.monotonic()
+        conn.settimeout(10)
+        try:
+            gone = conn.recv(1) == b""
+        except OSError:
+            gone = True
+        if gone:
+            closed_after.append(time.monotonic() - started)
+        return False
+
+    server = tcp_server(RawUpstream(slow))
+    proxy = run_proxy(simple_config([server.addr]))
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/slow"))
+        eventually(lambda: len(server.handler.requests) == 1, TIMEOUT)
+    eventually(lambda: len(closed_after) == 1, TIMEOUT)
+    assert closed_after[0] < 2.0, f"upstream saw the close after {closed_after[0]:.2f} s"
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/after"))
+        resp = read_response(sock)
+        assert (resp.status, resp.body) == (200, b"fine")

@@ -130,12 +130,16 @@ impl Balancer {
     /// Picks an endpoint, avoiding `exclude` (an index already tried) and ejected
     /// endpoints when any other is available.
     pub fn pick(&self, exclude: Option<usize>) -> Option<(usize, InFlight)> {
+        self.pick_at(exclude, Instant::now())
+    }
+
+    /// [`Self::pick`] for a request that started at `now`, a time the caller already read:
+    /// ejections, both candidates' decay and the request's start share it.
+    pub fn pick_at(&self, exclude: Option<usize>, now: Instant) -> Option<(usize, InFlight)> {
         let n = self.endpoints.len();
         if n == 0 || (n == 1 && exclude == Some(0)) {
             return None;
         }
-        // One clock read per pick: ejections, both candidates' decay and the start time.
-        let now = Instant::now();
         let now_ms = self.ms_since_epoch(now);
         let usable = |i: usize| Some(i) != exclude && self.available(&self.endpoints[i], now_ms);
         let index = match self.policy {

@@ -33,6 +33,9 @@ use crate::snapshot::{HttpServer, Kind, Route};
 const MAX_REQUEST_HEADERS: usize = 64;
 const MAX_RESPONSE_HEADERS: usize = 128;
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// How much a client may pipeline while a request is upstream before the proxy stops
+/// reading from it (and so stops noticing that it closed) until the response is out.
+const MAX_PIPELINED_BYTES: usize = 64 * 1024;
 /// Spare room made before each downstream read; small, since idle connections keep it.
 const READ_RESERVE: usize = 4 * 1024;
 /// The upstream read buffer of one exchange, sized for relaying larger bodies.
@@ -123,6 +126,18 @@ async fn idle_or_drained(drain: &Drain, state: &ConnState, limit: Duration) {
         _ = drained.changed() => {}
         () = idle => {}
     }
+}
+
+/// Resolves when the client closes its connection (or it fails). Bytes it sends meanwhile
+/// (pipelined requests) are kept in `read` for the next exchange, up to a limit.
+async fn client_gone<R: AsyncRead + Unpin>(from: &mut R, read: &mut BytesMut) {
+    while read.len() < MAX_PIPELINED_BYTES {
+        match read_more(from, read).await {
+            Ok(n) if n > 0 => {}
+            _ => return,
+        }
+    }
+    std::future::pending().await
 }
 
 async fn read_more<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
@@ -422,7 +437,7 @@ where
     let mut refused = None;
     let mut attempt = None;
     for _ in 0..2 {
-        let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
+        let Some((index, in_flight)) = cluster.balancer.pick_at(exclude, started) else { break };
         let pool = cluster.pool(index);
         let conn = match pool.take_raw(started) {
             Some(conn) => Ok((conn, true)),
@@ -451,10 +466,11 @@ where
         return fail(io, buffers, plan, &error, started).await;
     };
 
-    let waiting = async {
+    let request = &buffers.request[..];
+    let exchange = async {
         let result: Result<ResponseHead, Failure> = match round_trip(
             &mut conn.stream,
-            &buffers.request,
+            request,
             &mut relay,
             plan.head,
         )
@@ -465,15 +481,28 @@ where
                 tracing::debug!(cluster = cluster.name(), %cause, "pooled connection was closed; retrying");
                 conn = cluster.pool(index).connect_raw().await.map_err(Failure::Connect)?;
                 relay.clear();
-                round_trip(&mut conn.stream, &buffers.request, &mut relay, plan.head).await
+                round_trip(&mut conn.stream, request, &mut relay, plan.head).await
             }
             result => result,
         };
         result
     };
-    let result = match route.timeout {
-        Some(limit) => tokio::time::timeout(limit, waiting).await.unwrap_or(Err(Failure::Timeout(limit))),
-        None => waiting.await,
+    let waiting = async {
+        match route.timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, exchange).await.unwrap_or(Err(Failure::Timeout(limit)))
+            }
+            None => exchange.await,
+        }
+    };
+    // A client that goes away while its request is upstream cancels it (the upstream
+    // connection is closed), as on the hyper path.
+    let result = tokio::select! {
+        result = waiting => result,
+        () = client_gone(io, buffers.read) => {
+            tracing::debug!(route = %route.name, "client closed its connection before the response");
+            return Next::Close;
+        }
     };
     let endpoint = || in_flight.endpoint().address.clone();
     let response = match result {
@@ -629,14 +658,24 @@ fn parse_response(relay: &[u8], head_request: bool) -> Result<Option<ResponseHea
         _ => StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or(""),
     };
     let mut lines = Vec::with_capacity(head_len + 32);
-    lines.extend_from_slice(format!("HTTP/1.1 {status} {reason}\r\n").as_bytes());
+    // httparse gives a three-digit code.
+    let digits =
+        [b'0' + (status / 100 % 10) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8];
+    lines.extend_from_slice(b"HTTP/1.1 ");
+    lines.extend_from_slice(&digits);
+    lines.push(b' ');
+    lines.extend_from_slice(reason.as_bytes());
+    lines.extend_from_slice(b"\r\n");
     for header in response.headers.iter() {
         let name = header.name;
         let hop = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"]
             .iter()
             .any(|n| name.eq_ignore_ascii_case(n))
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
-        if !hop {
+        // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); passing both on
+        // would let the next hop frame the body differently.
+        let overridden_length = chunked.is_some() && name.eq_ignore_ascii_case("content-length");
+        if !hop && !overridden_length {
             push_header(&mut lines, name.as_bytes(), header.value);
         }
     }
@@ -926,6 +965,15 @@ mod tests {
         let lines = String::from_utf8(head.lines).unwrap();
         assert_eq!(lines, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kept: 2\r\n");
         assert_eq!(&raw[head.head_len..], b"abc");
+    }
+
+    #[test]
+    fn a_chunked_response_loses_its_content_length() {
+        let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n";
+        let head = parse_response(raw, false).ok().flatten().unwrap();
+        assert_eq!(head.framing, Framing::Chunked);
+        let lines = String::from_utf8(head.lines).unwrap();
+        assert_eq!(lines, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n");
     }
 
     #[test]
