@@ -328,14 +328,11 @@ def test_response_without_length_is_relayed_then_connection_closed(run_proxy, tc
 # ---------------------------------------------------------- 4 stale pooled connections
 
 
-@pytest.mark.parametrize("close", ["fin", "rst"])
-def test_upstream_closing_idle_pooled_connections_causes_no_error(run_proxy, tcp_server, close):
-    """The upstream answers one keep-alive request per connection, then closes it 50 ms
-    later without saying so. GETs after 0.3 s find the pooled connection dead (retried
-    on a fresh one); after more than 1 s the pool's check finds it, so a POST, which is
-    never retried, gets through too."""
+def one_then_close(close: str) -> Callable[[socket.socket, Request], bool]:
+    """An upstream that answers one keep-alive request per connection, then closes it 50 ms
+    later (``fin`` or ``rst``) without having said so."""
 
-    def one_then_close(conn: socket.socket, request: Request) -> bool:
+    def respond(conn: socket.socket, request: Request) -> bool:
         conn.sendall(ok(f"{request.method} {request.target} {len(request.body)}".encode()))
         time.sleep(0.05)
         if close == "rst":
@@ -344,7 +341,16 @@ def test_upstream_closing_idle_pooled_connections_causes_no_error(run_proxy, tcp
             conn.shutdown(socket.SHUT_RDWR)
         return False
 
-    server = tcp_server(RawUpstream(one_then_close))
+    return respond
+
+
+@pytest.mark.parametrize("close", ["fin", "rst"])
+def test_upstream_closing_idle_pooled_connections_causes_no_error(run_proxy, tcp_server, close):
+    """The upstream closes each connection 50 ms after its one response, without saying so.
+    Requests after 0.3 s and after more than 1 s, GETs and a POST (never retried), all get
+    through: the pool notices the close before reusing the connection."""
+
+    server = tcp_server(RawUpstream(one_then_close(close)))
     proxy = run_proxy(simple_config([server.addr]))
     seen = []
 
@@ -377,16 +383,7 @@ def test_post_shortly_after_upstream_closed_idle_connection(run_proxy, tcp_serve
     closed 0.3 s earlier (hyper's pool notices the close as it happens; ``hyper``, where
     a Connection token hands the client connection to hyper, is the reference)."""
 
-    def one_then_close(conn: socket.socket, request: Request) -> bool:
-        conn.sendall(ok(f"{request.method} {request.target} {len(request.body)}".encode()))
-        time.sleep(0.05)
-        if close == "rst":
-            rst_close(conn)
-        else:
-            conn.shutdown(socket.SHUT_RDWR)
-        return False
-
-    server = tcp_server(RawUpstream(one_then_close))
+    server = tcp_server(RawUpstream(one_then_close(close)))
     proxy = run_proxy(simple_config([server.addr]))
     to_hyper = "Connection: keep-alive, x-to-hyper\r\n" if via == "hyper" else ""
     with connect(proxy.addr(), TIMEOUT) as sock:
