@@ -162,7 +162,7 @@ where
             inbound.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let plan = match decision {
+    let mut plan = match decision {
         Decision::Forward(plan) => plan,
         Decision::Answer { error, consumed, close, head, mut entry } => {
             buffers.read.advance(consumed);
@@ -178,7 +178,6 @@ where
     };
     plan.route.metrics.request();
     buffers.read.advance(plan.consumed);
-    let mut plan = plan;
     let outcome = forward(io, buffers, ctx, &mut plan, started).await;
     if let (Some(log), Some(entry)) = (log, plan.entry.as_ref()) {
         log.write(entry);
@@ -339,7 +338,7 @@ fn plan<'l>(
         }
         if name.eq_ignore_ascii_case("x-request-id") {
             request_id_value = Some(value);
-        } else if HOP_BY_HOP_AND_OURS.iter().any(|n| name.eq_ignore_ascii_case(n))
+        } else if HOP_BY_HOP.iter().chain(&OURS).any(|n| name.eq_ignore_ascii_case(n))
             || name.eq_ignore_ascii_case("te") && !value.eq_ignore_ascii_case(b"trailers")
         {
             continue;
@@ -381,9 +380,11 @@ fn plan<'l>(
     Decision::Forward(Plan { route, consumed, head, idempotent, close, entry })
 }
 
-/// Request headers that describe one hop (RFC 9110 §7.6.1) or that only this proxy sets.
-const HOP_BY_HOP_AND_OURS: [&str; 5] =
-    ["connection", "keep-alive", "proxy-connection", "x-forwarded-client-cert", "x-forwarded-proto"];
+/// Headers that describe one hop (RFC 9110 §7.6.1), dropped in both directions; `te`
+/// and `upgrade` are decided per direction, and the names a `Connection` header lists too.
+const HOP_BY_HOP: [&str; 3] = ["connection", "keep-alive", "proxy-connection"];
+/// Request headers only this proxy sets: whatever a client sent is dropped.
+const OURS: [&str; 2] = ["x-forwarded-client-cert", "x-forwarded-proto"];
 
 fn push_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -467,12 +468,14 @@ where
     };
 
     let request = &buffers.request[..];
+    let head_out = &mut buffers.response;
     let exchange = async {
         let result: Result<ResponseHead, Failure> = match round_trip(
             &mut conn.stream,
             request,
             &mut relay,
             plan.head,
+            head_out,
         )
         .await
         {
@@ -481,7 +484,7 @@ where
                 tracing::debug!(cluster = cluster.name(), %cause, "pooled connection was closed; retrying");
                 conn = cluster.pool(index).connect_raw().await.map_err(Failure::Connect)?;
                 relay.clear();
-                round_trip(&mut conn.stream, request, &mut relay, plan.head).await
+                round_trip(&mut conn.stream, request, &mut relay, plan.head, head_out).await
             }
             result => result,
         };
@@ -539,7 +542,7 @@ enum Failure {
     /// The response was cut short or is not HTTP.
     Broken(String),
     Connect(String),
-    Timeout(std::time::Duration),
+    Timeout(Duration),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -559,16 +562,16 @@ struct ResponseHead {
     framing: Framing,
     /// The upstream connection may carry another request afterwards.
     reusable: bool,
-    /// Header lines to send downstream, hop-by-hop headers removed.
-    lines: Vec<u8>,
 }
 
-/// Writes the request and reads until a final response head is in `relay`.
+/// Writes the request and reads until a final response head is in `relay`; its status
+/// line and headers for the client are then in `out`.
 async fn round_trip(
     upstream: &mut Upstream,
     request: &[u8],
     relay: &mut BytesMut,
     head_request: bool,
+    out: &mut Vec<u8>,
 ) -> Result<ResponseHead, Failure> {
     let sent = async {
         upstream.write_all(request).await?;
@@ -579,7 +582,7 @@ async fn round_trip(
     let mut received = false;
     loop {
         if !relay.is_empty() {
-            match parse_response(relay, head_request)? {
+            match parse_response(relay, head_request, out)? {
                 Some(head) if (100..200).contains(&head.status) => {
                     // Interim responses (103 Early Hints and the like) are not relayed.
                     relay.advance(head.head_len);
@@ -604,8 +607,14 @@ async fn round_trip(
     }
 }
 
-/// `None`: the head is not complete yet.
-fn parse_response(relay: &[u8], head_request: bool) -> Result<Option<ResponseHead>, Failure> {
+/// Parses the response head at the front of `relay` and writes its status line and
+/// headers, hop-by-hop ones removed, into `out` (emptied first). `None`: the head is not
+/// complete yet.
+fn parse_response(
+    relay: &[u8],
+    head_request: bool,
+    out: &mut Vec<u8>,
+) -> Result<Option<ResponseHead>, Failure> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
     let head_len = match response.parse(relay) {
@@ -657,29 +666,27 @@ fn parse_response(relay: &[u8], head_request: bool) -> Result<Option<ResponseHea
         Some(reason) if !reason.is_empty() => reason,
         _ => StatusCode::from_u16(status).ok().and_then(|s| s.canonical_reason()).unwrap_or(""),
     };
-    let mut lines = Vec::with_capacity(head_len + 32);
+    out.clear();
     // httparse gives a three-digit code.
     let digits =
         [b'0' + (status / 100 % 10) as u8, b'0' + (status / 10 % 10) as u8, b'0' + (status % 10) as u8];
-    lines.extend_from_slice(b"HTTP/1.1 ");
-    lines.extend_from_slice(&digits);
-    lines.push(b' ');
-    lines.extend_from_slice(reason.as_bytes());
-    lines.extend_from_slice(b"\r\n");
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(&digits);
+    out.push(b' ');
+    out.extend_from_slice(reason.as_bytes());
+    out.extend_from_slice(b"\r\n");
     for header in response.headers.iter() {
         let name = header.name;
-        let hop = ["connection", "keep-alive", "proxy-connection", "te", "upgrade"]
-            .iter()
-            .any(|n| name.eq_ignore_ascii_case(n))
+        let hop = HOP_BY_HOP.iter().chain(&["te", "upgrade"]).any(|n| name.eq_ignore_ascii_case(n))
             || named.iter().any(|n| n.eq_ignore_ascii_case(name.as_bytes()));
         // Transfer-Encoding wins over Content-Length (RFC 9112 §6.3); passing both on
         // would let the next hop frame the body differently.
         let overridden_length = chunked.is_some() && name.eq_ignore_ascii_case("content-length");
         if !hop && !overridden_length {
-            push_header(&mut lines, name.as_bytes(), header.value);
+            push_header(out, name.as_bytes(), header.value);
         }
     }
-    Ok(Some(ResponseHead { status, head_len, framing, reusable, lines }))
+    Ok(Some(ResponseHead { status, head_len, framing, reusable }))
 }
 
 /// The connection a response comes from, and what to do with it once the body ends.
@@ -705,9 +712,8 @@ async fn relay_response<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    // The status line and headers are there already (`round_trip`).
     let out = &mut buffers.response;
-    out.clear();
-    out.extend_from_slice(&head.lines);
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -959,10 +965,11 @@ mod tests {
     #[test]
     fn response_heads_lose_hop_by_hop_headers_and_keep_their_framing() {
         let raw = b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nx-hop: 1\r\nKeep-Alive: timeout=5\r\ncontent-length: 3\r\nx-kept: 2\r\n\r\nabc";
-        let head = parse_response(raw, false).ok().flatten().unwrap();
+        let mut out = b"stale".to_vec();
+        let head = parse_response(raw, false, &mut out).ok().flatten().unwrap();
         assert_eq!(head.framing, Framing::Length(3));
         assert!(head.reusable);
-        let lines = String::from_utf8(head.lines).unwrap();
+        let lines = String::from_utf8(out).unwrap();
         assert_eq!(lines, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kept: 2\r\n");
         assert_eq!(&raw[head.head_len..], b"abc");
     }
@@ -970,19 +977,21 @@ mod tests {
     #[test]
     fn a_chunked_response_loses_its_content_length() {
         let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n";
-        let head = parse_response(raw, false).ok().flatten().unwrap();
+        let mut out = Vec::new();
+        let head = parse_response(raw, false, &mut out).ok().flatten().unwrap();
         assert_eq!(head.framing, Framing::Chunked);
-        let lines = String::from_utf8(head.lines).unwrap();
+        let lines = String::from_utf8(out).unwrap();
         assert_eq!(lines, "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n");
     }
 
     #[test]
     fn responses_without_length_run_to_close_and_head_has_no_body() {
         let raw = b"HTTP/1.0 200 OK\r\n\r\n";
-        let head = parse_response(raw, false).ok().flatten().unwrap();
+        let head = parse_response(raw, false, &mut Vec::new()).ok().flatten().unwrap();
         assert_eq!(head.framing, Framing::Close);
         assert!(!head.reusable);
         let raw = b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n";
-        assert_eq!(parse_response(raw, true).ok().flatten().unwrap().framing, Framing::Empty);
+        let head = parse_response(raw, true, &mut Vec::new()).ok().flatten().unwrap();
+        assert_eq!(head.framing, Framing::Empty);
     }
 }
