@@ -1,11 +1,12 @@
 """The HTTP/1.1 fast path (core/dataplane/src/http1.rs), on real sockets.
 
-Requests whose head and body arrive in one read, on filter-less routes to plain HTTP/1.1
-clusters, are forwarded by the proxy itself over its own pool of upstream connections;
-anything else is handed to hyper mid-connection. These tests cover what that path does
-on its own: pipelining, response framings (chunked with trailers, read-until-close,
-HEAD, interim 1xx), stale pooled upstream connections, the hand-over to hyper with the
-bytes already read, the request headers it rewrites, and its metrics.
+Requests whose head and body arrive in one read, on routes without filters or with
+request hooks only, to plain HTTP/1.1 clusters, are forwarded by the proxy itself over
+its own pool of upstream connections; anything else is handed to hyper mid-connection.
+These tests cover what that path does on its own: pipelining, response framings (chunked
+with trailers, read-until-close, HEAD, interim 1xx), stale pooled upstream connections,
+the hand-over to hyper with the bytes already read, the request headers it rewrites, its
+metrics, and request hooks run on it compared with the same hooks on hyper.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import UUID_RE, connect, eventually, read_until_close, simple_config
+from helpers import (
+    UUID_RE,
+    cluster,
+    config,
+    connect,
+    eventually,
+    http_listener,
+    read_until_close,
+    simple_config,
+)
 
 TIMEOUT = 5.0
 
@@ -669,3 +679,172 @@ def test_client_closing_while_upstream_works_cancels_the_upstream_request(run_pr
         sock.sendall(get("/after"))
         resp = read_response(sock)
         assert (resp.status, resp.body) == (200, b"fine")
+
+
+# ------------------------------------------------------------ 12 request hooks on the fast path
+
+VIA = {"fast-path": "", "hyper": "Connection: keep-alive, x-to-hyper\r\n"}
+
+REQUEST_HOOKS = '''
+import json
+
+import meshpy
+
+
+class Edit(meshpy.Filter):
+    """Answers some requests itself; rewrites and reports on the others."""
+
+    def on_request(self, req):
+        if req.path == "/refuse":
+            return meshpy.Response(403, b"refused\\n", {"x-refused-by": "Edit"})
+        if req.path == "/empty":
+            return meshpy.Response(204, headers={"x-empty": "yes"})
+        seen = {
+            "method": req.method,
+            "scheme": req.scheme,
+            "authority": req.authority,
+            "path": req.path,
+            "query": req.query,
+            "client_addr": req.client_addr,
+            "route": req.route,
+            "cluster": req.cluster,
+            "body": req.body,
+            "headers": sorted(
+                (name, value) for name, value in req.headers.items() if name != "x-request-id"
+            ),
+        }
+        req.headers["x-seen"] = json.dumps(seen)
+        req.headers.pop("x-secret", None)
+        req.headers.add("x-multi", "one")
+        req.headers.add("x-multi", "two")
+        req.path = "/edited" + req.path
+        if req.path.endswith("/no-length"):
+            del req.headers["content-length"]
+        if req.headers.get("x-canary") == "1":
+            req.route_to("canary")
+'''
+
+
+def echo_request(conn: socket.socket, request: Request) -> None:
+    echoed = {
+        "method": request.method,
+        "target": request.target,
+        "headers": request.headers,
+        "body": request.body.decode(),
+    }
+    conn.sendall(ok(json.dumps(echoed).encode(), b"x-upstream: backend\r\n"))
+
+
+def request_hooks_proxy(run_proxy, tcp_server, extra_clusters: tuple[dict, ...] = ()):
+    backend = tcp_server(RawUpstream(echo_request))
+    canary = tcp_server(RawUpstream(echo_request))
+    filtered = {
+        "name": "filtered",
+        "match": {"path_prefix": "/"},
+        "cluster": "backend",
+        "filters": ["hooks:Edit"],
+    }
+    cfg = config(
+        [http_listener([filtered])],
+        [cluster("backend", [backend.addr]), cluster("canary", [canary.addr]), *extra_clusters],
+    )
+    proxy = run_proxy(cfg, "--workers", "1", files={"hooks.py": REQUEST_HOOKS})
+    return proxy, backend, canary
+
+
+def exchange_all(proxy, via: str) -> list[Response]:
+    """The same requests, pipelined on one connection, through the path ``via`` picks."""
+    token = VIA[via]
+    requests = [
+        get(
+            "/first?q=1", token + "x-secret: s\r\nAccept: a\r\nAccept: b\r\nx-request-id: rid-1\r\n"
+        ),
+        get("/refuse", token),
+        get("/refuse", token, method="HEAD"),
+        post("/form", b"name=value", token),
+        post("/form/no-length", b"kept", token),
+        get("/empty", token),
+        get("/to-canary", token + "x-canary: 1\r\n"),
+    ]
+    responses = []
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(b"".join(requests))
+        buf = b""
+        for raw in requests:
+            resp = read_response(sock, buf, head=raw.startswith(b"HEAD"))
+            buf = resp.rest
+            responses.append(resp)
+        # the connection serves on after answers the filter made
+        sock.sendall(get("/after", token))
+        responses.append(read_response(sock, buf))
+    return responses
+
+
+def comparable(resp: Response) -> dict:
+    """A response as the client sees it, without what differs from run to run."""
+    headers = sorted((k, v) for k, v in resp.headers if k not in ("date", "x-request-id"))
+    body = resp.body
+    if resp.header("x-upstream"):
+        echoed = json.loads(body)
+        echoed["headers"] = sorted(
+            (k, v) for k, v in echoed["headers"] if k not in ("x-request-id", "forwarded")
+        )
+        body = echoed
+    return {"status": resp.status, "headers": headers, "body": body}
+
+
+def test_request_hooks_run_on_the_fast_path_as_they_do_on_hyper(run_proxy, tcp_server):
+    """A route whose filter has only ``on_request`` is served on the fast path. What the hook
+    sees, what it changes (headers, path, cluster), the answers it makes (with a body, to
+    HEAD, 204) and what the upstream gets are the same as on the hyper path, request by
+    request, on one pipelined connection."""
+    proxy, backend, canary = request_hooks_proxy(run_proxy, tcp_server)
+    fast = exchange_all(proxy, "fast-path")
+    hyper = exchange_all(proxy, "hyper")
+
+    statuses = [r.status for r in fast]
+    assert statuses == [200, 403, 403, 200, 200, 204, 200, 200], statuses
+    first = fast[0].json()
+    assert first["target"] == "/edited/first?q=1"
+    headers = dict(first["headers"])
+    assert "x-secret" not in headers
+    assert [v for k, v in first["headers"] if k == "x-multi"] == ["one", "two"]
+    assert headers["x-request-id"] == "rid-1"
+    seen = json.loads(headers["x-seen"])
+    assert seen["method"] == "GET" and seen["path"] == "/first" and seen["query"] == {"q": ["1"]}
+    assert (seen["scheme"], seen["authority"], seen["client_addr"]) == (
+        "http",
+        "svc.test",
+        "127.0.0.1",
+    )
+    assert (seen["route"], seen["cluster"], seen["body"]) == ("filtered", "backend", None)
+    seen_headers = dict(seen["headers"])
+    assert seen_headers["x-forwarded-for"] == "127.0.0.1"
+    assert "connection" not in seen_headers
+    refused, refused_head = fast[1], fast[2]
+    assert (refused.body, refused.header("x-refused-by")) == (b"refused\n", "Edit")
+    assert refused.header("content-length") == "8"
+    assert (refused_head.body, refused_head.header("content-length")) == (b"", "8")
+    assert fast[3].json()["body"] == "name=value"
+    no_length = fast[4].json()
+    assert no_length["body"] == "kept"
+    assert dict(no_length["headers"])["content-length"] == "4"
+    assert (fast[5].header("x-empty"), fast[5].header("content-length")) == ("yes", None)
+    assert fast[6].json()["target"] == "/edited/to-canary"
+    assert len(canary.handler.requests) == 2  # one per path
+    assert fast[7].json()["target"] == "/edited/after"
+
+    assert [comparable(r) for r in fast] == [comparable(r) for r in hyper]
+    assert backend.accepted >= 1
+
+
+def test_request_hooks_stay_on_hyper_when_a_filter_could_route_to_http2(
+    run_proxy, tcp_server, grpc_upstream
+):
+    """With an HTTP/2 cluster in the config a filter may route to it, which only the hyper
+    path can do: the same filter still works there, each request answered."""
+    h2 = cluster("grpc", [grpc_upstream.addr], protocol="http2")
+    proxy, _, _ = request_hooks_proxy(run_proxy, tcp_server, (h2,))
+    responses = exchange_all(proxy, "fast-path")
+    assert [r.status for r in responses] == [200, 403, 403, 200, 200, 204, 200, 200]
+    assert responses[6].json()["target"] == "/edited/to-canary"

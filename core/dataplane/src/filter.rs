@@ -100,6 +100,11 @@ impl FilterChain {
     pub fn keeps_exchange(&self) -> bool {
         self.on_response || self.on_log
     }
+
+    /// Only `on_request` hooks that leave the body alone: the request is all they need.
+    pub fn request_only(&self) -> bool {
+        self.on_request && !self.keeps_exchange() && self.body_limit.is_none()
+    }
 }
 
 /// The request as the `on_request` hooks see it.

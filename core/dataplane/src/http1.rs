@@ -1,28 +1,35 @@
 //! The HTTP/1.1 fast path.
 //!
 //! A request that has everything in hand — its whole head and body in the bytes read
-//! so far, a route without filters, an HTTP/1.1 upstream (plain or mesh mTLS) — is
-//! forwarded by copying bytes: its head is parsed once in place, checked against the
-//! authorization policy and routed, rewritten straight into the upstream write, and
-//! the response head is relayed the same way, all on the downstream connection's own
-//! task. The first request that needs more (an upgrade, `Expect`, a chunked or large
-//! body, a partial or invalid head, filters, an HTTP/2 upstream, gRPC) hands the
-//! connection, with the bytes already read, to hyper for the rest of its life, so
-//! every rule hyper enforces (400, 413, 431, slow headers, smuggling) still applies.
+//! so far, a route whose filters (if any) have only request hooks, an HTTP/1.1
+//! upstream (plain or mesh mTLS) — is forwarded by copying bytes: its head is parsed
+//! once in place, checked against the authorization policy and routed, rewritten
+//! straight into the upstream write, and the response head is relayed the same way, all
+//! on the downstream connection's own task. The first request that needs more (an
+//! upgrade, `Expect`, a chunked or large body, a partial or invalid head, response or
+//! log hooks, an HTTP/2 upstream, gRPC) hands the connection, with the bytes already
+//! read, to hyper for the rest of its life, so every rule hyper enforces (400, 413,
+//! 431, slow headers, smuggling) still applies.
 
-use std::io;
+use std::io::{self, Write as _};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::access_log::Entry;
 use crate::balance::InFlight;
+use crate::cluster::Cluster;
+use crate::config::OnError;
 use crate::drain::Drain;
-use crate::http_proxy::{request_id, ConnCtx, ProxyError};
+use crate::filter::{call_request, RequestHead, RequestVerdict};
+use crate::http_proxy::{
+    prepare_request_headers, request_id, routed_cluster, ConnCtx, Exchanged, ProxyError,
+};
 use crate::io::{ConnState, MeteredIo, Rewind};
 use crate::listener::serve_hyper;
 use crate::pool::{EndpointPool, RawConn, Upstream};
@@ -162,8 +169,9 @@ where
             inbound.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
-    let mut plan = match decision {
-        Decision::Forward(plan) => plan,
+    let (mut plan, filtered) = match decision {
+        Decision::Forward(plan) => (plan, None),
+        Decision::Filter { plan, head, body_start } => (plan, Some((head, body_start))),
         Decision::Answer { error, consumed, close, head, mut entry } => {
             buffers.read.advance(consumed);
             let close = close || ctx.shared.drain.is_draining();
@@ -177,8 +185,15 @@ where
         Decision::Hyper => return Next::Hyper,
     };
     plan.route.metrics.request();
+    let answered = match filtered {
+        Some((head, body_start)) => filter(io, buffers, ctx, &mut plan, *head, body_start, started).await,
+        None => None,
+    };
     buffers.read.advance(plan.consumed);
-    let outcome = forward(io, buffers, ctx, &mut plan, started).await;
+    let outcome = match answered {
+        Some(next) => next,
+        None => forward(io, buffers, ctx, &mut plan, started).await,
+    };
     if let (Some(log), Some(entry)) = (log, plan.entry.as_ref()) {
         log.write(entry);
     }
@@ -188,6 +203,8 @@ where
 /// A request the fast path forwards: its request bytes are in `Buffers::request`.
 struct Plan<'l> {
     route: &'l Route,
+    /// The cluster a filter routed the request to, instead of the route's.
+    cluster: Option<Arc<Cluster>>,
     /// How many bytes of the read buffer the request took (head and body).
     consumed: usize,
     head: bool,
@@ -200,6 +217,13 @@ struct Plan<'l> {
 
 enum Decision<'l> {
     Forward(Plan<'l>),
+    /// The route's request hooks come first; the body starts at `body_start` in the read
+    /// buffer, and the request to send is written once they have seen the head.
+    Filter {
+        plan: Plan<'l>,
+        head: Box<RequestHead>,
+        body_start: usize,
+    },
     /// Refused by the authorization policy, or no route: the proxy answers itself.
     Answer {
         error: ProxyError,
@@ -319,8 +343,36 @@ fn plan<'l>(
     });
     let Some(route) = route else { return answer(ProxyError::NoRoute(matched_host.into_owned()), entry) };
     let cluster = &route.cluster;
-    if route.filters.is_some() || cluster.upstream_http2(false) {
+    if cluster.upstream_http2(false) || route.filters.is_some() && !route.fast_filters {
         return Decision::Hyper;
+    }
+    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
+        || method == Method::PUT
+        || method == Method::DELETE;
+
+    if route.filters.is_some() {
+        // The hooks see the headers as they would go upstream, as on the hyper path.
+        let mut headers = header_map.unwrap_or_else(|| to_header_map(request.headers));
+        prepare_request_headers(&mut headers, None, ctx, false);
+        if let Some(entry) = entry.as_mut() {
+            entry.request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+            entry.route = Some(route.name.to_string());
+            entry.cluster = Some(cluster.name().to_owned());
+        }
+        let filtered = RequestHead {
+            method,
+            scheme: if ctx.tls { "https" } else { "http" },
+            authority: host.to_owned(),
+            path_and_query: target.to_owned(),
+            headers,
+            body: None,
+            client_addr: ctx.peer.ip().to_string(),
+            identity: ctx.identity.clone(),
+            route: route.name.clone(),
+            cluster: cluster.name().into(),
+        };
+        let plan = Plan { route, cluster: None, consumed, head, idempotent, close, entry };
+        return Decision::Filter { plan, head: Box::new(filtered), body_start: head_len };
     }
 
     out.clear();
@@ -374,10 +426,7 @@ fn plan<'l>(
         entry.route = Some(route.name.to_string());
         entry.cluster = Some(cluster.name().to_owned());
     }
-    let idempotent = matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE)
-        || method == Method::PUT
-        || method == Method::DELETE;
-    Decision::Forward(Plan { route, consumed, head, idempotent, close, entry })
+    Decision::Forward(Plan { route, cluster: None, consumed, head, idempotent, close, entry })
 }
 
 /// Headers that describe one hop (RFC 9110 §7.6.1), dropped in both directions; `te`
@@ -418,7 +467,102 @@ fn parse_length(value: &[u8]) -> Option<u64> {
     value.iter().try_fold(0u64, |n, d| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
 }
 
-/// Sends the planned request to the route's cluster and relays the response.
+/// Runs the route's request hooks on a planned request. `None`: the request, as they
+/// left it, is in `buffers.request`; else they, or their failure, answered it.
+async fn filter<T>(
+    io: &mut MeteredIo<T>,
+    buffers: &mut Buffers<'_>,
+    ctx: &ConnCtx,
+    plan: &mut Plan<'_>,
+    head: RequestHead,
+    body_start: usize,
+    started: Instant,
+) -> Option<Next>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let route = plan.route;
+    let chain = route.filters.as_ref().expect("a filtered plan's route has filters");
+    let method = head.method.clone();
+    let sent_target = head.path_and_query.clone();
+    // Kept only where a failing filter may be skipped: the request then goes on as it came.
+    let original = (chain.on_error == OnError::FailOpen).then(|| head.headers.clone());
+    let mut exchanged = Exchanged::default();
+    let (headers, target, cluster) = match call_request(&*ctx.shared.filters, chain, head).await {
+        RequestVerdict::Continue { headers, path_and_query, cluster, .. } => {
+            let cluster = match cluster {
+                Some(name) => match routed_cluster(ctx, route, chain, name, &mut exchanged) {
+                    Ok(cluster) => cluster,
+                    Err(error) => return Some(fail(io, buffers, plan, &error, started).await),
+                },
+                None => None,
+            };
+            (headers, path_and_query, cluster)
+        }
+        RequestVerdict::Respond { status, headers, body } => {
+            let close = plan.close || ctx.shared.drain.is_draining();
+            return Some(respond(io, buffers, plan, status, &headers, &body, close, started).await);
+        }
+        RequestVerdict::Failed(failure) => {
+            let closed = exchanged.failed(failure);
+            match original {
+                Some(headers) => (headers, sent_target.clone(), None),
+                None => return Some(fail(io, buffers, plan, &closed, started).await),
+            }
+        }
+    };
+    let target = if target == sent_target {
+        target
+    } else {
+        match Uri::try_from(target) {
+            Ok(uri) => uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
+            Err(_) => {
+                let error = ProxyError::BadRequest("a filter set an invalid path");
+                return Some(fail(io, buffers, plan, &error, started).await);
+            }
+        }
+    };
+    if let Some(chosen) = cluster.as_ref().filter(|c| c.upstream_http2(false)) {
+        // Only a reload between routing and the verdict can get here: `fast_filters`
+        // keeps these routes off the fast path while any cluster speaks HTTP/2.
+        let error = ProxyError::Filter {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: format!(
+                "cluster \"{}\" changed to HTTP/2 while the request was filtered",
+                chosen.name()
+            ),
+        };
+        return Some(fail(io, buffers, plan, &error, started).await);
+    }
+    plan.cluster = cluster;
+    let body = &buffers.read[body_start..plan.consumed];
+    write_request(&mut buffers.request, &method, &target, &headers, body);
+    None
+}
+
+/// Writes a request whose headers a filter had; its framing is the body's own.
+fn write_request(out: &mut Vec<u8>, method: &Method, target: &str, headers: &HeaderMap, body: &[u8]) {
+    out.clear();
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut length = !body.is_empty();
+    for (name, value) in headers {
+        if *name == CONTENT_LENGTH {
+            length = true;
+        } else if *name != TRANSFER_ENCODING {
+            push_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if length {
+        let _ = write!(out, "content-length: {}\r\n", body.len());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// Sends the planned request to its cluster and relays the response.
 async fn forward<T>(
     io: &mut MeteredIo<T>,
     buffers: &mut Buffers<'_>,
@@ -430,7 +574,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let route = plan.route;
-    let cluster = &route.cluster;
+    let chosen = plan.cluster.take();
+    let cluster = chosen.as_ref().unwrap_or(&route.cluster);
     let mut relay = BytesMut::with_capacity(RELAY_BUFFER);
     // A refused connection means nothing reached the upstream: one more endpoint is
     // tried, as on the hyper path.
@@ -790,17 +935,9 @@ where
     T: AsyncRead + AsyncWrite + Unpin,
 {
     let body = error.local_body();
-    let status = error.status();
     out.clear();
-    out.extend_from_slice(
-        format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-            status.as_u16(),
-            status.canonical_reason().unwrap_or(""),
-            body.len()
-        )
-        .as_bytes(),
-    );
+    status_line(out, error.status());
+    let _ = write!(out, "content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", body.len());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -812,6 +949,58 @@ where
         Ok(()) if !close => Next::KeepAlive,
         _ => Next::Close,
     }
+}
+
+/// Answers with the response a filter made.
+#[allow(clippy::too_many_arguments)]
+async fn respond<T>(
+    io: &mut MeteredIo<T>,
+    buffers: &mut Buffers<'_>,
+    plan: &mut Plan<'_>,
+    status: StatusCode,
+    headers: &HeaderMap,
+    body: &[u8],
+    close: bool,
+    started: Instant,
+) -> Next
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    plan.route.metrics.response(status.as_u16(), started.elapsed());
+    if let Some(entry) = plan.entry.as_mut() {
+        entry.status = status.as_u16();
+        entry.duration = started.elapsed();
+    }
+    let out = &mut buffers.response;
+    out.clear();
+    status_line(out, status);
+    for (name, value) in headers {
+        let name = name.as_str();
+        if name != "content-length" && name != "transfer-encoding" && !HOP_BY_HOP.contains(&name) {
+            push_header(out, name.as_bytes(), value.as_bytes());
+        }
+    }
+    let bodiless =
+        status.is_informational() || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+    if !bodiless {
+        let _ = write!(out, "content-length: {}\r\n", body.len());
+    }
+    if close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if !bodiless && !plan.head {
+        out.extend_from_slice(body);
+    }
+    match io.write_all(out).await {
+        Ok(()) if !close => Next::KeepAlive,
+        _ => Next::Close,
+    }
+}
+
+fn status_line(out: &mut Vec<u8>, status: StatusCode) {
+    let reason = status.canonical_reason().unwrap_or("");
+    let _ = write!(out, "HTTP/1.1 {} {reason}\r\n", status.as_u16());
 }
 
 /// Where a response body ends, tracked as its bytes go by unchanged.

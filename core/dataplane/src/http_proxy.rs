@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::Authority;
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
 use hyper::body::Incoming;
@@ -213,7 +214,7 @@ async fn serve(
 
 /// What the filter phases of one request leave for the next ones.
 #[derive(Default)]
-struct Exchanged {
+pub(crate) struct Exchanged {
     request: Option<RequestState>,
     /// A filter's choice of cluster.
     cluster: Option<Arc<str>>,
@@ -302,30 +303,11 @@ async fn request_phase(
                 }
                 (buffered, _) => buffered,
             };
-            let chosen = match cluster {
-                None => return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None }),
-                Some(name) => ctx.shared.snapshot.load().clusters.get(&name).cloned().ok_or(name),
+            let cluster = match cluster {
+                Some(name) => routed_cluster(ctx, route, chain, name, exchanged)?,
+                None => None,
             };
-            match chosen {
-                Ok(cluster) => {
-                    exchanged.cluster = Some(cluster.name().into());
-                    let body = forward_body(buffered);
-                    return Ok(Filtered::Forward { parts, body, cluster: Some(cluster) });
-                }
-                Err(name) => {
-                    tracing::warn!(route = %route.name, cluster = %name, "a filter routed to an unknown cluster");
-                    chain.metrics.failure(Phase::Request, &chain.names, FailReason::Exception);
-                    let message = format!("filter {} routed to unknown cluster \"{name}\"", chain.names);
-                    exchanged.error = Some(message.clone());
-                    if !fail_open {
-                        return Err(ProxyError::Filter {
-                            status: StatusCode::INTERNAL_SERVER_ERROR,
-                            message,
-                        });
-                    }
-                    return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster: None });
-                }
-            }
+            return Ok(Filtered::Forward { parts, body: forward_body(buffered), cluster });
         }
         RequestVerdict::Respond { status, headers, body } => {
             let mut response = Response::new(ResponseBody::local(body));
@@ -378,10 +360,33 @@ async fn response_phase(
     }
 }
 
+/// The cluster a filter routed the request to. An unknown name is the filter's failure:
+/// a fail-closed route answers 500, a fail-open one (`Ok(None)`) keeps its own cluster.
+pub(crate) fn routed_cluster(
+    ctx: &ConnCtx,
+    route: &Route,
+    chain: &FilterChain,
+    name: String,
+    exchanged: &mut Exchanged,
+) -> Result<Option<Arc<Cluster>>, ProxyError> {
+    if let Some(cluster) = ctx.shared.snapshot.load().clusters.get(&name) {
+        exchanged.cluster = Some(cluster.name().into());
+        return Ok(Some(cluster.clone()));
+    }
+    tracing::warn!(route = %route.name, cluster = %name, "a filter routed to an unknown cluster");
+    chain.metrics.failure(Phase::Request, &chain.names, FailReason::Exception);
+    let message = format!("filter {} routed to unknown cluster \"{name}\"", chain.names);
+    exchanged.error = Some(message.clone());
+    match chain.on_error {
+        OnError::FailOpen => Ok(None),
+        OnError::FailClosed => Err(ProxyError::Filter { status: StatusCode::INTERNAL_SERVER_ERROR, message }),
+    }
+}
+
 impl Exchanged {
     /// Records a filter failure; returns the answer a fail-closed route gives: 500 for
     /// a filter that raised, 503 for one that could not answer.
-    fn failed(&mut self, failure: Failure) -> ProxyError {
+    pub(crate) fn failed(&mut self, failure: Failure) -> ProxyError {
         tracing::debug!(error = %failure, "filter failed");
         let message = failure.to_string();
         self.error = Some(message.clone());
@@ -411,7 +416,7 @@ async fn forward(
     let downstream_upgrade =
         (!downstream_http2 && is_upgrade(req.headers())).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    prepare_request_headers(&mut parts.headers, &parts.uri, ctx, downstream_upgrade.is_some());
+    prepare_request_headers(&mut parts.headers, parts.uri.authority(), ctx, downstream_upgrade.is_some());
 
     let (mut parts, body, chosen) = match &mut filters {
         Some((chain, exchanged)) if chain.on_request => {
@@ -585,7 +590,14 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
-fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, upgrading: bool) {
+/// The headers every forwarded request carries; `authority` is the request target's,
+/// for an HTTP/2 request that has no `Host`.
+pub(crate) fn prepare_request_headers(
+    headers: &mut HeaderMap,
+    authority: Option<&Authority>,
+    ctx: &ConnCtx,
+    upgrading: bool,
+) {
     strip_hop_by_hop(headers, upgrading);
     // Only this proxy vouches for the caller's certificate: whatever a client sent is dropped.
     headers.remove(&X_FORWARDED_CLIENT_CERT);
@@ -594,7 +606,7 @@ fn prepare_request_headers(headers: &mut HeaderMap, uri: &Uri, ctx: &ConnCtx, up
     }
     // HTTP/2 carries the host in the URI; an HTTP/1 upstream needs it as a header.
     if !headers.contains_key(header::HOST) {
-        if let Some(authority) = uri.authority() {
+        if let Some(authority) = authority {
             if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
                 headers.insert(header::HOST, value);
             }

@@ -15,7 +15,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::access_log::AccessLog;
 use crate::authz::Policy;
 use crate::cluster::Cluster;
-use crate::config::{Config, ListenerConfig, MtlsMode, Protocol};
+use crate::config::{Config, ListenerConfig, MtlsMode, Protocol, UpstreamProtocol};
 use crate::filter::{ChainHandle, FilterChain};
 use crate::identity::{Identity, SpiffeId};
 use crate::metrics::{ListenerMetrics, Registry, RouteMetrics};
@@ -30,6 +30,9 @@ pub struct Route {
     pub timeout: Option<Duration>,
     pub metrics: Arc<RouteMetrics>,
     pub filters: Option<Arc<FilterChain>>,
+    /// The HTTP/1.1 fast path can run the filters: request hooks only, and no cluster
+    /// a filter may route to speaks HTTP/2.
+    pub fast_filters: bool,
 }
 
 pub enum Kind {
@@ -115,6 +118,7 @@ impl Snapshot {
                 .ok_or_else(|| Error::Config(format!("{at}: unknown cluster {name:?}")))
         };
 
+        let no_http2_cluster = config.clusters.iter().all(|c| c.protocol != UpstreamProtocol::Http2);
         let mut listeners = HashMap::new();
         for (i, l) in config.listeners.iter().enumerate() {
             let at = format!("listeners[{i}]");
@@ -153,6 +157,8 @@ impl Snapshot {
                             timeout: r.timeout.map(Duration::from_secs_f64),
                             name: r.name.as_str().into(),
                             cluster,
+                            fast_filters: no_http2_cluster
+                                && filters.as_ref().is_some_and(|chain| chain.request_only()),
                             filters,
                         });
                     }
