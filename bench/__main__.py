@@ -161,7 +161,7 @@ def header(
 ) -> list[str]:
     lines = [
         *harness.header_start(command_line, machine),
-        f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}",
+        f"meshpy: {describe_meshpy(meshpy)}; checkout {revision or 'unknown'}",
         f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
         f"(+{args.warmup:g}s warm-up), path {args.path}; proxy threads {args.threads}; "
         f"rounds {args.rounds}; CPU pinning upstream={pinning['upstream']} "

@@ -311,7 +311,7 @@ def measure(args: argparse.Namespace, command_line: str) -> dict[str, Any]:
     machine = report.machine_info()
     revision = report.git_revision(harness.REPO)
     print("\n".join(harness.header_start(command_line, machine)))
-    print(f"meshpy: {harness.describe_meshpy(meshpy)}; revision {revision or 'unknown'}")
+    print(f"meshpy: {harness.describe_meshpy(meshpy)}; checkout {revision or 'unknown'}")
     print(
         f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
         f"(+{args.warmup:g}s warm-up) -H '{CLOSE_HEADER}'; rounds {args.rounds}; proxy workers "

@@ -539,7 +539,7 @@ def header(
     )
     lines = [
         *harness.header_start(command_line, machine),
-        f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}; "
+        f"meshpy: {describe_meshpy(meshpy)}; checkout {revision or 'unknown'}; "
         f"Python {machine['python']}",
         f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
         f"mitmproxy: {mitm}",

@@ -231,7 +231,10 @@ def describe_meshpy(meshpy: dict[str, object] | None) -> str:
     if meshpy is None:
         return "not importable"
     debug = "with debug info" if meshpy["debug_info"] else "no debug info"
-    return f"{meshpy['version']} ({meshpy['extension']}, {meshpy['extension_mib']} MiB, {debug})"
+    return (
+        f"{meshpy['version']} built from {meshpy['build_revision']}"
+        f" ({meshpy['extension']}, {meshpy['extension_mib']} MiB, {debug})"
+    )
 
 
 def start_service(

@@ -555,7 +555,7 @@ def measure(args: argparse.Namespace, command_line: str) -> dict[str, Any]:
     machine = report.machine_info()
     revision = report.git_revision(harness.REPO)
     print("\n".join(harness.header_start(command_line, machine)))
-    print(f"meshpy: {harness.describe_meshpy(meshpy)}; revision {revision or 'unknown'}")
+    print(f"meshpy: {harness.describe_meshpy(meshpy)}; checkout {revision or 'unknown'}")
     for warning in harness.header_warnings(machine, meshpy):
         print(warning)
     if meshpy is None and "meshpy" in args.names:

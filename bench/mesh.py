@@ -561,7 +561,7 @@ def header(
 ) -> list[str]:
     lines = [
         *harness.header_start(command_line, machine),
-        f"meshpy: {describe_meshpy(meshpy)}; revision {revision or 'unknown'}; "
+        f"meshpy: {describe_meshpy(meshpy)}; checkout {revision or 'unknown'}; "
         f"Python {machine['python']}",
         f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
         f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "

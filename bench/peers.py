@@ -86,18 +86,21 @@ def tool_versions() -> dict[str, str]:
 
 
 def meshpy_info() -> dict[str, object] | None:
-    """meshpy's version and extension build if ``meshpy._core`` imports here, else None."""
+    """meshpy's version, the commit its extension was built from, and the extension file,
+    if ``meshpy._core`` imports here, else None."""
     code = (
         "import meshpy, meshpy._core as core; "
-        "print(getattr(meshpy, '__version__', 'unknown')); print(core.__file__)"
+        "print(getattr(meshpy, '__version__', 'unknown')); "
+        "print(getattr(core, 'build_revision', 'unknown')); print(core.__file__)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if done.returncode != 0:
         return None
-    version, extension = done.stdout.strip().splitlines()[-2:]
+    version, build_revision, extension = done.stdout.strip().splitlines()[-3:]
     path = Path(extension)
     return {
         "version": version,
+        "build_revision": build_revision,
         "extension": path.name,
         "path": str(path),
         "extension_mib": round(path.stat().st_size / 2**20, 1),

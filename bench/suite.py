@@ -1090,7 +1090,7 @@ def header(
 ) -> list[str]:
     lines = [
         *harness.header_start(command_line, machine),
-        f"meshpy: {harness.describe_meshpy(meshpy)}; revision {revision or 'unknown'}; "
+        f"meshpy: {harness.describe_meshpy(meshpy)}; checkout {revision or 'unknown'}; "
         f"Python {machine['python']}",
         f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
         "tools: " + "; ".join(f"{name}: {version}" for name, version in tools.items()),

@@ -14,11 +14,15 @@ __all__ = [
     "Proxy",
     "Request",
     "Response",
+    "build_revision",
     "init_logging",
 ]
 
 _T = TypeVar("_T")
 _HeadersInput = Mapping[str, str | list[str]] | Iterable[tuple[str, str]] | "Headers" | None
+
+build_revision: str
+"""The commit the extension was built from (short hash), or "unknown" outside a git checkout."""
 
 class CoreError(Exception): ...
 class CoreConfigError(CoreError): ...

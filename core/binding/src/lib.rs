@@ -96,5 +96,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("CoreError", py.get_type::<CoreError>())?;
     m.add("CoreConfigError", py.get_type::<CoreConfigError>())?;
     m.add("ListenError", py.get_type::<ListenError>())?;
+    m.add("build_revision", env!("MESHPY_BUILD_REVISION"))?;
     Ok(())
 }
