@@ -686,6 +686,7 @@ def test_client_closing_while_upstream_works_cancels_the_upstream_request(run_pr
 VIA = {"fast-path": "", "hyper": "Connection: keep-alive, x-to-hyper\r\n"}
 
 REQUEST_HOOKS = '''
+import asyncio
 import json
 
 import meshpy
@@ -722,6 +723,11 @@ class Edit(meshpy.Filter):
             del req.headers["content-length"]
         if req.headers.get("x-canary") == "1":
             req.route_to("canary")
+
+
+class Pause(meshpy.Filter):
+    async def on_request(self, req):
+        await asyncio.sleep(float(req.headers.get("x-pause", "0")))
 '''
 
 
@@ -735,14 +741,18 @@ def echo_request(conn: socket.socket, request: Request) -> None:
     conn.sendall(ok(json.dumps(echoed).encode(), b"x-upstream: backend\r\n"))
 
 
-def request_hooks_proxy(run_proxy, tcp_server, extra_clusters: tuple[dict, ...] = ()):
+def request_hooks_proxy(
+    run_proxy, tcp_server, hook: str = "hooks:Edit", extra_clusters: tuple[dict, ...] = (), **extra
+):
+    """A proxy whose one route runs ``hook``, to the echoing clusters backend and canary."""
     backend = tcp_server(RawUpstream(echo_request))
     canary = tcp_server(RawUpstream(echo_request))
     filtered = {
         "name": "filtered",
         "match": {"path_prefix": "/"},
         "cluster": "backend",
-        "filters": ["hooks:Edit"],
+        "filters": [hook],
+        **extra,
     }
     cfg = config(
         [http_listener([filtered])],
@@ -844,7 +854,24 @@ def test_request_hooks_stay_on_hyper_when_a_filter_could_route_to_http2(
     """With an HTTP/2 cluster in the config a filter may route to it, which only the hyper
     path can do: the same filter still works there, each request answered."""
     h2 = cluster("grpc", [grpc_upstream.addr], protocol="http2")
-    proxy, _, _ = request_hooks_proxy(run_proxy, tcp_server, (h2,))
+    proxy, _, _ = request_hooks_proxy(run_proxy, tcp_server, extra_clusters=(h2,))
     responses = exchange_all(proxy, "fast-path")
     assert [r.status for r in responses] == [200, 403, 403, 200, 200, 204, 200, 200]
     assert responses[6].json()["target"] == "/edited/to-canary"
+
+
+def test_client_leaving_while_its_request_is_filtered_cancels_it(run_proxy, tcp_server):
+    """A client that closes while the request hook still runs: the request never reaches the
+    upstream, and the proxy serves the next client."""
+    proxy, backend, _ = request_hooks_proxy(
+        run_proxy, tcp_server, "hooks:Pause", filter_timeout="5s"
+    )
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/left", "x-pause: 0.5\r\n"))
+        time.sleep(0.1)
+    time.sleep(0.8)  # the hook has finished by now
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(get("/stayed"))
+        resp = read_response(sock)
+    assert resp.status == 200 and resp.json()["target"] == "/stayed"
+    assert [r.target for r in backend.handler.requests] == ["/stayed"]

@@ -488,7 +488,15 @@ where
     // Kept only where a failing filter may be skipped: the request then goes on as it came.
     let original = (chain.on_error == OnError::FailOpen).then(|| head.headers.clone());
     let mut exchanged = Exchanged::default();
-    let (headers, target, cluster) = match call_request(&*ctx.shared.filters, chain, head).await {
+    // A client that leaves while the hooks run takes its request with it, as on hyper.
+    let verdict = tokio::select! {
+        verdict = call_request(&*ctx.shared.filters, chain, head) => verdict,
+        () = client_gone(io, buffers.read) => {
+            tracing::debug!(route = %route.name, "client closed its connection while its request was filtered");
+            return Some(Next::Close);
+        }
+    };
+    let (headers, target, cluster) = match verdict {
         RequestVerdict::Continue { headers, path_and_query, cluster, .. } => {
             let cluster = match cluster {
                 Some(name) => match routed_cluster(ctx, route, chain, name, &mut exchanged) {
