@@ -28,7 +28,7 @@ use crate::config::OnError;
 use crate::drain::Drain;
 use crate::filter::{call_request, RequestHead, RequestVerdict};
 use crate::http_proxy::{
-    prepare_request_headers, request_id, routed_cluster, ConnCtx, Exchanged, ProxyError,
+    prepare_request_headers, request_head, request_id, routed_cluster, ConnCtx, Exchanged, ProxyError,
 };
 use crate::io::{ConnState, MeteredIo, Rewind};
 use crate::listener::serve_hyper;
@@ -359,18 +359,7 @@ fn plan<'l>(
             entry.route = Some(route.name.to_string());
             entry.cluster = Some(cluster.name().to_owned());
         }
-        let filtered = RequestHead {
-            method,
-            scheme: if ctx.tls { "https" } else { "http" },
-            authority: host.to_owned(),
-            path_and_query: target.to_owned(),
-            headers,
-            body: None,
-            client_addr: ctx.peer.ip().to_string(),
-            identity: ctx.identity.clone(),
-            route: route.name.clone(),
-            cluster: cluster.name().into(),
-        };
+        let filtered = request_head(method, host, target, headers, ctx, route);
         let plan = Plan { route, cluster: None, consumed, head, idempotent, close, entry };
         return Decision::Filter { plan, head: Box::new(filtered), body_start: head_len };
     }
@@ -484,7 +473,6 @@ where
     let route = plan.route;
     let chain = route.filters.as_ref().expect("a filtered plan's route has filters");
     let method = head.method.clone();
-    let sent_target = head.path_and_query.clone();
     // Kept only where a failing filter may be skipped: the request then goes on as it came.
     let original = (chain.on_error == OnError::FailOpen).then(|| head.headers.clone());
     let mut exchanged = Exchanged::default();
@@ -514,12 +502,16 @@ where
         RequestVerdict::Failed(failure) => {
             let closed = exchanged.failed(failure);
             match original {
-                Some(headers) => (headers, sent_target.clone(), None),
+                Some(headers) => {
+                    let target = String::from_utf8_lossy(request_target(buffers.read)).into_owned();
+                    (headers, target, None)
+                }
                 None => return Some(fail(io, buffers, plan, &closed, started).await),
             }
         }
     };
-    let target = if target == sent_target {
+    // The target still at the front of the read buffer is the one the hooks were given.
+    let target = if target.as_bytes() == request_target(buffers.read) {
         target
     } else {
         match Uri::try_from(target) {
@@ -546,6 +538,12 @@ where
     let body = &buffers.read[body_start..plan.consumed];
     write_request(&mut buffers.request, &method, &target, &headers, body);
     None
+}
+
+/// The target of the request line at the front of `head`, which httparse accepted as
+/// `method SP target SP version`.
+fn request_target(head: &[u8]) -> &[u8] {
+    head.split(|&b| b == b' ').nth(1).unwrap_or_default()
 }
 
 /// Writes a request whose headers a filter had; its framing is the body's own.
@@ -983,9 +981,9 @@ where
     out.clear();
     status_line(out, status);
     for (name, value) in headers {
-        let name = name.as_str();
-        if name != "content-length" && name != "transfer-encoding" && !HOP_BY_HOP.contains(&name) {
-            push_header(out, name.as_bytes(), value.as_bytes());
+        let framing = *name == CONTENT_LENGTH || *name == TRANSFER_ENCODING;
+        if !framing && !HOP_BY_HOP.contains(&name.as_str()) {
+            push_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     let bodiless =
@@ -1169,6 +1167,12 @@ mod tests {
         let lines = String::from_utf8(out).unwrap();
         assert_eq!(lines, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kept: 2\r\n");
         assert_eq!(&raw[head.head_len..], b"abc");
+    }
+
+    #[test]
+    fn the_request_target_is_read_back_from_the_request_line() {
+        assert_eq!(request_target(b"GET /a?b=c HTTP/1.1\r\nhost: x\r\n\r\n"), b"/a?b=c");
+        assert_eq!(request_target(b"OPTIONS * HTTP/1.1\r\n\r\n"), b"*");
     }
 
     #[test]

@@ -232,12 +232,25 @@ fn authority<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> &'a str {
 
 /// The request line as filters see it; the caller adds the headers (taken or copied).
 fn head_of(method: &Method, uri: &Uri, headers: &HeaderMap, ctx: &ConnCtx, route: &Route) -> RequestHead {
+    let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+    request_head(method.clone(), authority(uri, headers), path_and_query, HeaderMap::new(), ctx, route)
+}
+
+/// The request as the hooks of `route` see it, on either path.
+pub(crate) fn request_head(
+    method: Method,
+    authority: &str,
+    path_and_query: &str,
+    headers: HeaderMap,
+    ctx: &ConnCtx,
+    route: &Route,
+) -> RequestHead {
     RequestHead {
-        method: method.clone(),
+        method,
         scheme: if ctx.tls { "https" } else { "http" },
-        authority: authority(uri, headers).to_owned(),
-        path_and_query: uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
-        headers: HeaderMap::new(),
+        authority: authority.to_owned(),
+        path_and_query: path_and_query.to_owned(),
+        headers,
         body: None,
         client_addr: ctx.peer.ip().to_string(),
         identity: ctx.identity.clone(),
