@@ -845,6 +845,11 @@ def test_request_hooks_run_on_the_fast_path_as_they_do_on_hyper(run_proxy, tcp_s
     assert fast[7].json()["target"] == "/edited/after"
 
     assert [comparable(r) for r in fast] == [comparable(r) for r in hyper]
+    # hyper's server adds a Date header to every response, while the fast path relays the
+    # upstream's head (which has none) and writes the hooks' answers as they are: so this
+    # says which path served each request.
+    assert all(r.header("date") is None for r in fast), "a filtered request went to hyper"
+    assert all(r.header("date") for r in hyper)
     assert backend.accepted >= 1
 
 
@@ -858,6 +863,7 @@ def test_request_hooks_stay_on_hyper_when_a_filter_could_route_to_http2(
     responses = exchange_all(proxy, "fast-path")
     assert [r.status for r in responses] == [200, 403, 403, 200, 200, 204, 200, 200]
     assert responses[6].json()["target"] == "/edited/to-canary"
+    assert all(r.header("date") for r in responses), "served by hyper, which adds Date"
 
 
 def test_client_leaving_while_its_request_is_filtered_cancels_it(run_proxy, tcp_server):
