@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 import subprocess
 
@@ -101,6 +102,38 @@ def test_tls_h2_with_curl(run_proxy, upstream, tls_cert):
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout == "200 2"
+
+
+def https_get_session(
+    addr: tuple[str, int], ctx: ssl.SSLContext, session: ssl.SSLSession | None
+) -> tuple[bytes, ssl.SSLSession, bool]:
+    """One GET over a new TLS connection offering ``session`` for resumption; returns the
+    response, the session to offer next (TLS 1.3 tickets arrive with the response) and
+    whether the server resumed the offered one."""
+    with (
+        socket.create_connection(addr, timeout=10) as raw,
+        ctx.wrap_socket(raw, server_hostname="localhost", session=session) as tls,
+    ):
+        tls.sendall(b"GET /resume HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        response = b""
+        while chunk := tls.recv(65536):
+            response += chunk
+        return response, tls.session, tls.session_reused
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2])
+@pytest.mark.parametrize("resumption", [True, False])
+def test_tls_session_resumption_follows_config(run_proxy, upstream, tls_cert, version, resumption):
+    config = tls_config(upstream, tls_cert)
+    config["listeners"][0]["tls"]["session_resumption"] = resumption
+    proxy = run_proxy(config)
+    ctx = ssl.create_default_context(cafile=str(tls_cert[0]))
+    ctx.minimum_version = ctx.maximum_version = version
+    first, session, reused = https_get_session(proxy.addr(), ctx, None)
+    assert first.startswith(b"HTTP/1.1 200") and not reused
+    second, _, reused = https_get_session(proxy.addr(), ctx, session)
+    assert second.startswith(b"HTTP/1.1 200")
+    assert reused is resumption
 
 
 def test_tls_listener_rejects_plaintext_without_hanging(run_proxy, upstream, tls_cert):

@@ -507,6 +507,12 @@ class Tls(_Model):
         description="PEM certificate chain; a relative path is relative to the config file."
     )
     key: str = Field(description="PEM private key; a relative path is relative to the config file.")
+    session_resumption: bool = Field(
+        default=True,
+        description="Let returning clients resume their session (TLS 1.3 tickets, TLS 1.2 "
+        "session IDs) from an in-memory cache, skipping the certificate exchange; false makes "
+        "every connection a full handshake.",
+    )
 
     _absolute = field_validator("cert", "key")(_config_relative)
 
@@ -990,9 +996,7 @@ def _core_listener(listener: Listener, index: int, filters: "FilterSet | None") 
         "listen": listener.listen,
         "protocol": listener.protocol,
         "cluster": listener.cluster,
-        "tls": None
-        if listener.tls is None
-        else {"cert": listener.tls.cert, "key": listener.tls.key},
+        "tls": None if listener.tls is None else listener.tls.model_dump(),
         "mtls": listener.mtls,
         "authz": None if listener.authz is None else _core_authz(listener.authz),
         "access_log": listener.access_log,

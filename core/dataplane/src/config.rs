@@ -114,6 +114,9 @@ pub struct AuthzRuleConfig {
 pub struct TlsServerConfig {
     pub cert: String,
     pub key: String,
+    /// Let clients resume sessions (TLS 1.3 tickets, TLS 1.2 session IDs) from an
+    /// in-memory cache; off, every connection is a full handshake.
+    pub session_resumption: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -49,5 +49,9 @@ pub fn server_acceptor(config: &TlsServerConfig) -> Result<TlsAcceptor, String> 
         .map_err(|e| format!("certificate and key do not form a usable pair: {e}"))?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     server.ignore_client_order = true;
+    if !config.session_resumption {
+        server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        server.send_tls13_tickets = 0;
+    }
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
