@@ -8,23 +8,28 @@ Two measurements, both about the cost of a connection rather than of a request:
   to the upstream alive, so only the client side churns). req/s is new connections per second,
   and the proxy's CPU µs per request is its CPU per new connection. Interleaved, rotating
   rounds as in the other scenarios.
-- **TLS 1.3 handshakes** into a meshpy listener with ``openssl s_time -new`` (a full
-  handshake per connection, no resumption, then a close), of two kinds:
+- **TLS 1.3 handshakes** into a meshpy listener with ``bench/tlsload`` (a rustls client
+  keeping ``--handshake-connections`` connections in handshakes at once, each a handshake
+  both ends complete, then a close), of three kinds:
 
   - ``tls``: the listener has ``tls: {cert, key}`` (sidecar b's workload certificate) and asks
-    for no client certificate; s_time runs without ``-cert/-key``. This is the handshake the
-    target is about (>= 3,000 TLS 1.3 handshakes/s on one core), judged on it.
-  - ``mtls``: the listener has ``mtls: strict`` (b's identity) and s_time presents a's
-    certificate. The server also verifies the client's chain
-    and its CertificateVerify signature, two more ECDSA verifications per handshake, so this
-    is the harder case; reported beside the target, for reference.
+    for no client certificate; every connection is a full handshake (the client does not
+    resume). This is the handshake the target is about (>= 3,000 TLS 1.3 handshakes/s on one
+    core), judged on it.
+  - ``resumed``: the same listener, the client resuming its sessions (TLS 1.3 tickets, the
+    listener's default ``session_resumption: true``): what returning clients cost. For
+    reference.
+  - ``mtls``: the listener has ``mtls: strict`` (b's identity) and the client presents a's
+    certificate. The server also verifies the client's chain and its CertificateVerify
+    signature, two more ECDSA verifications per handshake, so this is the harder case;
+    reported beside the target, for reference.
 
   Each kind twice per round: unpinned, and with the sidecar pinned to
-  ``--handshake-proxy-cpu`` (default 1) and openssl to ``--handshake-load-cpu`` (default 0),
-  the "one core" setting of the target; one sidecar per kind and pinning, and the four runs
-  of a round in an order that rotates every round. With openssl on the other core the clients
-  themselves may be the limit, so ``one-core capacity`` (1 s / the sidecar's CPU per
-  handshake) is reported too: what one core fully spent on handshakes would do.
+  ``--handshake-proxy-cpu`` (default 1) and the client to ``--handshake-load-cpu`` (default
+  0), the "one core" setting of the target; one sidecar per kind and pinning, and the runs of
+  a round in an order that rotates every round. With the client on the other core it may be
+  the limit, so ``one-core capacity`` (1 s / the sidecar's CPU per handshake) is reported
+  too: what one core fully spent on handshakes would do.
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import shlex
-import shutil
 import subprocess
 import sys
 import time
@@ -45,8 +49,9 @@ from bench.report import SystemRuns
 SYSTEMS = peers.SYSTEMS
 CLOSE_HEADER = "Connection: close"
 TARGET_HANDSHAKES_PER_S = 3000.0  # TLS 1.3 handshakes per second on one core
-TLS, MTLS = "tls", "mtls"  # server certificate only; client certificate verified too
-KINDS = (TLS, MTLS)
+# server certificate only; the same, resumed; client certificate verified too
+TLS, RESUMED, MTLS = "tls", "resumed", "mtls"
+KINDS = (TLS, RESUMED, MTLS)
 UNPINNED, PINNED = "unpinned", "one-core"
 PINNINGS = (UNPINNED, PINNED)
 
@@ -56,8 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         prog="python -m bench churn",
         description="New connections per second (wrk, one request per connection) through no "
         "proxy, meshpy, nginx and HAProxy, and new TLS 1.3 handshakes per second into a meshpy "
-        "listener (openssl s_time -new), with a server certificate only (tls) and with mtls: "
-        "strict (mtls), unpinned and on one core.",
+        "listener (bench/tlsload), with a server certificate only (tls, full and resumed) and "
+        "with mtls: strict (mtls), unpinned and on one core.",
     )
     parser.add_argument(
         "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
@@ -70,14 +75,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--handshake-seconds",
         type=int,
         default=5,
-        help="seconds of openssl s_time -new per round, kind and pinning (default 5; 0 skips them)",
+        help="seconds of bench/tlsload per round, kind and pinning (default 5; 0 skips them)",
     )
-    parser.add_argument(
-        "--handshake-clients",
-        type=int,
-        default=2,
-        help="parallel openssl s_time processes (default 2)",
-    )
+    mesh.add_handshake_connections_argument(parser)
     parser.add_argument(
         "--handshake-proxy-cpu",
         default="1",
@@ -86,7 +86,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--handshake-load-cpu",
         default="0",
-        help="CPU openssl is pinned to for the one-core handshake run (default 0)",
+        help="CPU bench/tlsload is pinned to for the one-core handshake run (default 0)",
     )
     harness.add_pin_arguments(parser, "the proxy under test (plain churn)")
     harness.add_output_arguments(
@@ -94,7 +94,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     harness.require_positive_counts(
-        parser, args, ("threads", "rounds", "connections", "load_threads", "handshake_clients")
+        parser, args, ("threads", "rounds", "connections", "load_threads", "handshake_connections")
     )
     if args.duration <= 0 or args.warmup < 0 or args.handshake_seconds < 0:
         parser.error("--duration must be positive; --warmup, --handshake-seconds not negative")
@@ -108,12 +108,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def start_handshake_sidecars(
     args: argparse.Namespace, root: Path, upstream: peers.Service, stack: contextlib.ExitStack
 ) -> tuple[dict[tuple[str, str], peers.Service], dict[str, mesh.Creds]]:
-    """One sidecar per kind and pinning (unpinned, on ``--handshake-proxy-cpu``): ``tls`` serves
-    b's certificate (``tls: {cert, key}``), ``mtls`` is ``mtls: strict`` with b's identity.
-    Returns them and the run's certificates (a's is the mTLS client's)."""
+    """One sidecar per kind and pinning (unpinned, on ``--handshake-proxy-cpu``): ``tls`` and
+    ``resumed`` serve b's certificate (``tls: {cert, key}``), ``mtls`` is ``mtls: strict``
+    with b's identity. Returns them and the run's certificates (a's is the mTLS client's)."""
     creds = mesh.issue_certificates(root / "pki")
     listener: dict[str, dict[str, Any]] = {
         TLS: {"server_tls": creds["b"]},
+        RESUMED: {"server_tls": creds["b"]},
         MTLS: {"identity": creds["b"], "inbound_mtls": True},
     }
     sidecars = {}
@@ -129,13 +130,21 @@ def start_handshake_sidecars(
     return sidecars, creds
 
 
-def s_time_command(
-    kind: str, port: int, creds: dict[str, mesh.Creds], seconds: int, pin: list[str]
+def tlsload_command(
+    kind: str, port: int, creds: dict[str, mesh.Creds], args: argparse.Namespace, pin: list[str]
 ) -> list[str]:
-    """``mtls``: presenting a's certificate; ``tls``: no client certificate (the listener
-    asks for none)."""
+    """``mtls``: presenting a's certificate; ``tls`` and ``resumed``: no client certificate
+    (the listener asks for none), ``resumed`` resuming its sessions."""
     client = creds["a"] if kind == MTLS else None
-    return mesh.s_time_command(port, creds["b"].bundle, seconds, pin, client)
+    return mesh.tlsload_command(
+        port,
+        creds["b"].bundle,
+        args.handshake_seconds,
+        args.handshake_connections,
+        pin,
+        client,
+        resume=kind == RESUMED,
+    )
 
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
@@ -180,7 +189,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                         label,
                     )
             for (kind, pinning), sidecar in harness.rotated(list(sidecars.items()), round_index):
-                label = f"round {round_index + 1}/{args.rounds} {kind:<4} {pinning:<8}"
+                label = f"round {round_index + 1}/{args.rounds} {kind:<7} {pinning:<8}"
                 failures = handshake_failures[kind][pinning]
                 code = sidecar.proc.poll() if sidecar.proc else None
                 if code is not None:
@@ -188,10 +197,10 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     print(f"{label} skipped: the sidecar had exited with code {code}", flush=True)
                     continue
                 pin = [] if pinning == UNPINNED else peers.pin_prefix(args.handshake_load_cpu)
-                command = s_time_command(kind, sidecar.port, creds, args.handshake_seconds, pin)
+                command = tlsload_command(kind, sidecar.port, creds, args, pin)
                 result = mesh.measure_handshakes(args, sidecar, command, label)
                 if result is None:
-                    failures.append(f"round {round_index + 1}: s_time failed")
+                    failures.append(f"round {round_index + 1}: tlsload failed")
                 else:
                     handshakes[kind][pinning].append(result)
         for service in [*(s.service for s in systems if s.service), *sidecars.values()]:
@@ -233,8 +242,8 @@ def summarize_handshakes(results: dict[str, Any]) -> dict[str, dict[str, dict[st
 
 def handshake_target(handshakes: dict[str, dict[str, dict[str, Any]]]) -> dict[str, Any]:
     """The handshake target, on the ``tls`` kind (server certificate only), judged twice: on the
-    rate measured with the sidecar pinned to one core (bounded by openssl on the other core,
-    too) and on the one-core capacity from CPU. The ``mtls`` kind's one-core figures are
+    rate measured with the sidecar pinned to one core (bounded by the client on the other
+    core, too) and on the one-core capacity from CPU. The ``mtls`` kind's one-core figures are
     added for reference (``mtls_*``), not judged."""
     pinned = handshakes.get(TLS, {}).get(PINNED, {})
     mutual = handshakes.get(MTLS, {}).get(PINNED, {})
@@ -267,11 +276,13 @@ def handshake_lines(
 ) -> list[str]:
     lines = [
         f"New TLS 1.3 handshakes into a meshpy listener (--workers {args.threads}); "
-        f"openssl s_time -new x {args.handshake_clients}, {args.handshake_seconds} s per round:",
-        "  (tls: listener tls: {cert, key}, server certificate only, s_time without -cert/-key; "
-        "mtls: mtls: strict, s_time -cert/-key, the client's certificate verified too)",
+        f"bench/tlsload, {args.handshake_connections} connections, {args.handshake_seconds} s "
+        "per round:",
+        "  (tls: listener tls: {cert, key}, server certificate only, full handshakes; resumed: "
+        "the same listener, sessions resumed; mtls: mtls: strict, the client's certificate "
+        "verified too)",
     ]
-    pinned = f"sidecar on CPU {args.handshake_proxy_cpu}, openssl on CPU {args.handshake_load_cpu}"
+    pinned = f"sidecar on CPU {args.handshake_proxy_cpu}, client on CPU {args.handshake_load_cpu}"
     meanings = {UNPINNED: "nothing pinned", PINNED: pinned}
     for kind in KINDS:
         for pinning in PINNINGS:
@@ -279,10 +290,10 @@ def handshake_lines(
             if s is None:
                 continue
             if not s["rounds_ok"]:
-                lines.append(f"  {kind:<4} {pinning:<8} failed: {'; '.join(s['failures'])[:100]}")
+                lines.append(f"  {kind:<7} {pinning:<8} failed: {'; '.join(s['failures'])[:100]}")
                 continue
             lines.append(
-                f"  {kind:<4} {pinning:<8} {s['handshakes_per_s_median']:>8,.0f} /s "
+                f"  {kind:<7} {pinning:<8} {s['handshakes_per_s_median']:>8,.0f} /s "
                 f"(spread {s['handshakes_per_s_min']:,.0f}-{s['handshakes_per_s_max']:,.0f}); "
                 f"sidecar cpu {report._num(s['b_cpu_us_per_handshake_median'], '.1f')} µs each, "
                 f"one-core capacity {report._rate(s['one_core_capacity_per_s'])} /s "
@@ -336,7 +347,7 @@ def measure(args: argparse.Namespace, command_line: str) -> dict[str, Any]:
         "scenario": "churn",
         "command": command_line,
         "machine": machine,
-        "tools": {**peers.tool_versions(), "openssl": mesh.openssl_version()},
+        "tools": peers.tool_versions(),
         "meshpy": meshpy,
         "meshpy_changed_during_run": harness.meshpy_changed(meshpy),
         "revision": revision,
@@ -354,8 +365,8 @@ def main(argv: list[str]) -> int:
     harness.handle_signals()
     try:
         peers.ensure_tools(install=not args.no_install)
-        if args.handshake_seconds and not shutil.which("openssl"):
-            raise peers.PeerError("openssl is not on PATH (apt-get install openssl)")
+        if args.handshake_seconds:
+            peers.tlsload_binary()
     except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
         print(exc, file=sys.stderr)
         return 2

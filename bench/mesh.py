@@ -5,7 +5,7 @@ Four systems forward to the same nginx upstream, measured in interleaved rounds 
 (sidecar A -> sidecar B, plaintext between them) and ``two-hop-mtls`` (the same with
 ``tls: mesh`` on A's cluster and ``mtls: strict`` on B's listener). Every meshpy process
 runs ``--workers 1``. Each round also counts new mTLS handshakes per second against one
-sidecar (B of the mTLS pair) with ``openssl s_time -new``, presenting A's certificate.
+sidecar (B of the mTLS pair) with ``bench/tlsload``, presenting A's certificate.
 Certificates are issued per run with ``meshpy.ca`` from the meshpy under test.
 """
 
@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
-import re
 import shlex
-import shutil
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         description="Throughput (wrk, saturation) and latency at a fixed rate (h2load) of "
         "no proxy, one meshpy, two meshpy sidecars in plaintext and two sidecars with mTLS "
         "between them, all forwarding to one nginx upstream; and new mTLS handshakes per "
-        "second against one sidecar (openssl s_time -new).",
+        "second against one sidecar (bench/tlsload, full handshakes).",
     )
     parser.add_argument(
         "--systems", help=f"comma-separated subset of {','.join(SYSTEMS)} (default: all)"
@@ -71,15 +70,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--handshake-seconds",
         type=int,
         default=5,
-        help="seconds of openssl s_time -new per round (default 5; 0 skips the handshakes)",
+        help="seconds of bench/tlsload per round (default 5; 0 skips the handshakes)",
     )
-    parser.add_argument(
-        "--handshake-clients",
-        type=int,
-        default=2,
-        help="parallel openssl s_time processes (default 2: one per core)",
-    )
-    harness.add_pin_arguments(parser, "every meshpy process", "wrk/h2load/openssl")
+    add_handshake_connections_argument(parser)
+    harness.add_pin_arguments(parser, "every meshpy process", "wrk/h2load/tlsload")
     harness.add_output_arguments(
         parser, "mesh-<timestamp>.json", "only say what to install if a tool is missing"
     )
@@ -93,7 +87,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             "connections",
             "load_threads",
             "rate_connections",
-            "handshake_clients",
+            "handshake_connections",
         ),
     )
     if args.duration <= 0 or args.warmup < 0 or args.rate < 0 or args.handshake_seconds < 0:
@@ -258,75 +252,91 @@ def build_systems(
 # --------------------------------------------------------------------------- handshakes
 
 
-S_TIME_COUNT = re.compile(r"(\d+) connections in [\d.]+s;")
+HANDSHAKE_CONNECTIONS = 16
 
 
-def s_time_command(
-    port: int, bundle: Path, seconds: int, pin: list[str], client: Creds | None
+def add_handshake_connections_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--handshake-connections",
+        type=int,
+        default=HANDSHAKE_CONNECTIONS,
+        help="connections bench/tlsload keeps in handshakes at once (default "
+        f"{HANDSHAKE_CONNECTIONS})",
+    )
+
+
+def tlsload_command(
+    port: int,
+    bundle: Path,
+    seconds: int,
+    connections: int,
+    pin: list[str],
+    client: Creds | None,
+    resume: bool = False,
 ) -> list[str]:
-    """``openssl s_time -new`` against ``port``, presenting ``client``'s certificate if given."""
-    presented = ["-cert", str(client.cert), "-key", str(client.key)] if client else []
+    """``bench/tlsload`` against ``port`` (the chain verified against ``bundle`` unless the
+    bench's ``--no-chain-check``), presenting ``client``'s certificate if given; full
+    handshakes unless ``resume``."""
+    presented = ["--cert", str(client.cert), "--key", str(client.key)] if client else []
     return [
         *pin,
-        "openssl",
-        "s_time",
-        "-connect",
+        str(peers.tlsload_binary()),
+        "--connect",
         f"{peers.HOST}:{port}",
-        "-new",
-        "-time",
-        str(seconds),
-        *presented,
-        "-CAfile",
+        "--ca",
         str(bundle),
+        "--connections",
+        str(connections),
+        "--seconds",
+        str(seconds),
+        # The handshake signature is verified, the chain not: that would be one more ECDSA
+        # verification per handshake on the client's core, and the server's work is the same.
+        "--no-chain-check",
+        *presented,
+        *(["--resume"] if resume else []),
     ]
 
 
 def measure_handshakes(
     args: argparse.Namespace, b: peers.Service, command: list[str], label: str
 ) -> dict[str, Any] | None:
-    """``--handshake-clients`` parallel ``command`` (``s_time_command``) for
-    ``--handshake-seconds``: each connection is a full TLS 1.3 handshake, then a close.
-    Returns handshakes/s (over the wall time of the slowest client) and the server's (B's)
-    CPU per one, or None if a client failed."""
-    start, cpu_start, wall_start = load.CpuSample.now(), b.cpu_seconds(), time.monotonic()
-    procs = [
-        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(args.handshake_clients)
-    ]
-    outputs = []
+    """``command`` (``tlsload_command``) for ``--handshake-seconds``: new TLS 1.3 connections,
+    each a handshake both ends completed, then a close. Returns handshakes/s and the
+    server's (B's) CPU per one, or None if the client failed or counted errors."""
+    start, cpu_start = load.CpuSample.now(), b.cpu_seconds()
     try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=args.handshake_seconds + 60)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    wall = time.monotonic() - wall_start
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=args.handshake_seconds + 60
+        )
+    except subprocess.TimeoutExpired:
+        print(f"{label} handshakes failed: tlsload did not finish", file=sys.stderr)
+        return None
     cpu_used = b.cpu_seconds() - cpu_start
     cpu = load.CpuSample.now().usage_since(start)
-    total = 0
-    for code, out, err in outputs:
-        # s_time prints its count for the -new pass first ("N connections in T s; ...").
-        match = S_TIME_COUNT.search(out)
-        if code != 0 or match is None:
-            print(f"{label} handshakes failed: exit {code}\n{out}{err}", file=sys.stderr)
-            return None
-        total += int(match.group(1))
+    try:
+        counts = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        counts = None
+    if done.returncode != 0 or not counts or counts["errors"] or not counts["handshakes"]:
+        print(
+            f"{label} handshakes failed: exit {done.returncode}\n{done.stdout}{done.stderr}",
+            file=sys.stderr,
+        )
+        return None
+    total, seconds = counts["handshakes"], counts["seconds"]
     result = {
-        "tool": "openssl s_time -new",
+        "tool": "bench/tlsload",
         "command": command,
-        "clients": args.handshake_clients,
+        "connections": args.handshake_connections,
         "handshakes": total,
-        "wall_s": round(wall, 3),
-        "handshakes_per_s": round(total / wall, 1),
-        "b_cpu_us_per_handshake": round(cpu_used * 1e6 / total, 1) if total else None,
+        "wall_s": seconds,
+        "handshakes_per_s": round(total / seconds, 1),
+        "b_cpu_us_per_handshake": round(cpu_used * 1e6 / total, 1),
         "cpu": cpu,
     }
     print(
         f"{label} handshakes {result['handshakes_per_s']:>10,.0f} /s  ({total} in "
-        f"{wall:.1f} s, {args.handshake_clients} clients)  server cpu "
+        f"{seconds:.1f} s, {args.handshake_connections} connections)  server cpu "
         f"{result['b_cpu_us_per_handshake']} µs/handshake  cpu busy {cpu['busy_pct']}% "
         f"steal {cpu['steal_pct']}%",
         flush=True,
@@ -415,12 +425,17 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 if mtls_b.proc is None or mtls_b.proc.poll() is not None:
                     handshake_failures.append(f"round {round_index + 1}: b had exited")
                     continue
-                command = s_time_command(
-                    mtls_b.port, creds["a"].bundle, args.handshake_seconds, load_pin, creds["a"]
+                command = tlsload_command(
+                    mtls_b.port,
+                    creds["a"].bundle,
+                    args.handshake_seconds,
+                    args.handshake_connections,
+                    load_pin,
+                    creds["a"],
                 )
                 result = measure_handshakes(args, mtls_b, command, label)
                 if result is None:
-                    handshake_failures.append(f"round {round_index + 1}: s_time failed")
+                    handshake_failures.append(f"round {round_index + 1}: tlsload failed")
                 else:
                     handshakes.append(result)
         for service in services:
@@ -529,8 +544,9 @@ def handshake_lines(summary: dict[str, Any], args: argparse.Namespace) -> list[s
         return [f"handshakes: failed: {'; '.join(summary['failures'])[:120]}"]
     return [
         f"New mTLS handshakes against sidecar b (mtls: strict, --workers {args.threads}); "
-        f"openssl s_time -new -cert/-key (a's) x {args.handshake_clients} clients, "
-        f"{args.handshake_seconds} s per round, medians over {summary['rounds_ok']} round(s):",
+        f"bench/tlsload with a's certificate, {args.handshake_connections} connections, full "
+        f"handshakes, {args.handshake_seconds} s per round, medians over "
+        f"{summary['rounds_ok']} round(s):",
         f"  handshakes/s {summary['handshakes_per_s_median']:,.0f} "
         f"(spread {summary['handshakes_per_s_min']:,.0f}-{summary['handshakes_per_s_max']:,.0f}); "
         f"b cpu {_num(summary['b_cpu_us_per_handshake_median'], '.1f')} µs per handshake",
@@ -566,9 +582,9 @@ def header(
         f"meshpy extension: {meshpy['path'] if meshpy else '-'}",
         f"load: wrk -t{args.load_threads} -c{args.connections} -d{args.duration:g}s "
         f"(+{args.warmup:g}s warm-up); h2load at {args.rate:g} req/s over "
-        f"{args.rate_connections} connections; openssl s_time -new x {args.handshake_clients} "
-        f"for {args.handshake_seconds} s; meshpy workers {args.threads} per process; rounds "
-        f"{args.rounds}; CPU pinning upstream={args.pin_upstream or 'none'} "
+        f"{args.rate_connections} connections; bench/tlsload x {args.handshake_connections} "
+        f"connections for {args.handshake_seconds} s; meshpy workers {args.threads} per "
+        f"process; rounds {args.rounds}; CPU pinning upstream={args.pin_upstream or 'none'} "
         f"proxy={args.pin_proxy or 'none'} load={args.pin_load or 'none'}",
     ]
     return lines + harness.header_warnings(machine, meshpy)
@@ -581,8 +597,8 @@ def main(argv: list[str]) -> int:
 
     try:
         peers.ensure_tools(install=not args.no_install)
-        if args.handshake_seconds and not shutil.which("openssl"):
-            raise peers.PeerError("openssl is not on PATH (apt-get install openssl)")
+        if args.handshake_seconds:
+            peers.tlsload_binary()
     except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -634,7 +650,7 @@ def main(argv: list[str]) -> int:
         "started": started,
         "machine": machine,
         "loadavg_at_end": loadavg_end,
-        "tools": {**peers.tool_versions(), "openssl": openssl_version()},
+        "tools": peers.tool_versions(),
         "meshpy": meshpy,
         "meshpy_changed_during_run": meshpy_changed,
         "revision": revision,
@@ -656,11 +672,3 @@ def main(argv: list[str]) -> int:
     every = saturation + fixed_rate
     failed = any(s["failures"] or s.get("errors") for s in every) or bool(handshakes["failures"])
     return 1 if failed else 0
-
-
-def openssl_version() -> str:
-    try:
-        done = subprocess.run(["openssl", "version"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "unavailable"
-    return done.stdout.strip() or "unknown"

@@ -6,7 +6,9 @@ Every process is started in its own directory and its own session (process group
 
 from __future__ import annotations
 
+import functools
 import http.client
+import json
 import os
 import shutil
 import signal
@@ -31,6 +33,7 @@ TOOLS: dict[str, str] = {
 }
 
 SYSTEMS = ("direct", "meshpy", "nginx", "haproxy")
+TLSLOAD_PACKAGE = "meshpy-tlsload"  # bench/tlsload: the TLS handshake client
 
 
 class PeerError(RuntimeError):
@@ -64,6 +67,32 @@ def ensure_tools(install: bool) -> None:
     still_missing = missing_tools()
     if still_missing:
         raise PeerError(f"still missing after install: {', '.join(still_missing)}")
+
+
+@functools.cache
+def tlsload_binary() -> Path:
+    """``bench/tlsload`` built in release mode (cargo does nothing if it is fresh); its path.
+
+    openssl s_time and wrk cannot load one server core with full handshakes from the other
+    core (s_time runs one connection at a time, wrk resumes sessions), so the handshake
+    measurements use this rustls client.
+    """
+    if shutil.which("cargo") is None:
+        raise PeerError(
+            "cargo is needed to build bench/tlsload, the TLS handshake client (https://rustup.rs)"
+        )
+    repo = Path(__file__).resolve().parent.parent
+    command = ["cargo", "build", "--release", "-p", TLSLOAD_PACKAGE, "--message-format", "json"]
+    print(f"building {TLSLOAD_PACKAGE} (cargo build --release) ...", flush=True)
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise PeerError(f"building bench/tlsload failed:\n{done.stderr[-3000:]}")
+    for line in done.stdout.splitlines():
+        message = json.loads(line)
+        if message.get("reason") == "compiler-artifact" and message.get("executable"):
+            if message["target"]["name"] == TLSLOAD_PACKAGE:
+                return Path(message["executable"])
+    raise PeerError(f"cargo built {TLSLOAD_PACKAGE} but named no executable")
 
 
 def tool_versions() -> dict[str, str]:

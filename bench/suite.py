@@ -1106,6 +1106,8 @@ def header(
 def prepare(args: argparse.Namespace) -> tuple[Path | None, str]:
     """Install or find the peers (and mitmproxy for the filter part); mitmdump, or why not."""
     peers.ensure_tools(install=not args.no_install)
+    if {"mesh", "churn"} & set(args.parts):
+        peers.tlsload_binary()  # built before any measurement, not in the middle of one
     if "filters" not in args.parts:
         return None, ""
     try:
@@ -1116,7 +1118,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path | None, str]:
 
 
 def tool_versions(mitmdump: Path | None) -> dict[str, str]:
-    tools = {**peers.tool_versions(), "openssl": mesh.openssl_version()}
+    tools = peers.tool_versions()
     if mitmdump is not None:
         tools["mitmproxy"] = filters.mitmproxy_version(mitmdump).get("mitmproxy", "unknown")
     return tools
