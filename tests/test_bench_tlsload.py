@@ -110,19 +110,24 @@ def test_resume_resumes_the_sessions_after_each_connections_first(tlsload, serve
     assert server.resumed >= counts["handshakes"] - 4  # one full handshake per connection
 
 
-def test_a_chain_that_does_not_verify_is_an_error_unless_the_chain_check_is_off(
-    tlsload, server, tmp_path
+@pytest.mark.parametrize("verify", ["signature", "none"])
+def test_a_chain_that_does_not_verify_is_an_error_unless_only_less_is_checked(
+    tlsload, server, tmp_path, verify
 ):
     port = server.start()
     stranger = mesh.issue_certificates(tmp_path / "other-ca")["b"].bundle
     refused = run_tlsload(tlsload, port, stranger)
     assert refused["handshakes"] == 0 and refused["errors"] > 0
     assert "certificate" in refused["first_error"].lower()
-    unchecked = run_tlsload(tlsload, port, stranger, "--no-chain-check")
+    unchecked = run_tlsload(tlsload, port, stranger, "--verify", verify)
     assert unchecked["errors"] == 0 and unchecked["handshakes"] > 0
 
 
 def test_bad_arguments_get_the_usage_and_exit_2(tlsload):
-    done = subprocess.run([str(tlsload), "--connect", "nowhere"], capture_output=True, text=True)
-    assert done.returncode == 2
-    assert "--connect nowhere" in done.stderr and "usage:" in done.stderr
+    for bad, named in (
+        (["--connect", "nowhere"], "--connect nowhere"),
+        (["--verify", "some"], "--verify some"),
+    ):
+        done = subprocess.run([str(tlsload), *bad], capture_output=True, text=True)
+        assert done.returncode == 2
+        assert named in done.stderr and "usage:" in done.stderr
