@@ -40,7 +40,10 @@ pub async fn accept_loop(
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
                     let key = key.clone();
-                    tokio::spawn(serve_connection(stream, peer, key, shared));
+                    // Boxed: the connection's future is about 12 KB (every listener kind's
+                    // states), and tokio copies a task's future whole when it spawns it and
+                    // again when it finishes; a box makes those copies a pointer's.
+                    tokio::spawn(Box::pin(serve_connection(stream, peer, key, shared)));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.
