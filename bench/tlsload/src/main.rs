@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, Resumption};
-use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
+use rustls::crypto::{verify_tls13_signature, CryptoProvider};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
@@ -137,13 +137,14 @@ impl ServerCertVerifier for LoadVerifier {
         Ok(ServerCertVerified::assertion())
     }
 
+    /// Never called: the client offers TLS 1.3 only.
     fn verify_tls12_signature(
         &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        Err(rustls::Error::General("meshpy-tlsload offers TLS 1.3 only".into()))
     }
 
     fn verify_tls13_signature(
@@ -219,7 +220,7 @@ async fn run(args: Args) -> Result<(Tally, f64), String> {
     let tasks: Vec<_> = (0..args.connections)
         .map(|_| {
             let connector = connector.clone();
-            tokio::task::spawn_local(async move {
+            tokio::spawn(async move {
                 let mut tally = Tally::default();
                 while Instant::now() < deadline {
                     match one_connection(&connector, args.connect).await {
@@ -246,18 +247,6 @@ async fn run(args: Args) -> Result<(Tally, f64), String> {
     Ok((total, start.elapsed().as_secs_f64()))
 }
 
-fn json_string(text: &str) -> String {
-    let escaped: String = text
-        .chars()
-        .flat_map(|c| match c {
-            '"' | '\\' => vec!['\\', c],
-            c if c.is_control() => format!("\\u{:04x}", c as u32).chars().collect(),
-            c => vec![c],
-        })
-        .collect();
-    format!("\"{escaped}\"")
-}
-
 fn main() {
     let args = match parse_args() {
         Ok(args) => args,
@@ -268,13 +257,15 @@ fn main() {
     };
     let runtime =
         tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a tokio runtime");
-    let local = tokio::task::LocalSet::new();
-    match local.block_on(&runtime, run(args)) {
+    match runtime.block_on(run(args)) {
         Ok((tally, seconds)) => println!(
-            "{{\"handshakes\": {}, \"seconds\": {seconds:.3}, \"errors\": {}, \"first_error\": {}}}",
-            tally.handshakes,
-            tally.errors,
-            tally.first_error.as_deref().map_or("null".to_string(), json_string),
+            "{}",
+            serde_json::json!({
+                "handshakes": tally.handshakes,
+                "seconds": (seconds * 1000.0).round() / 1000.0,
+                "errors": tally.errors,
+                "first_error": tally.first_error,
+            })
         ),
         Err(message) => {
             eprintln!("meshpy-tlsload: {message}");
