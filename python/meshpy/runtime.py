@@ -3,8 +3,10 @@
 The tokio workers queue calls and never take the GIL. This thread sleeps in an asyncio
 event loop on the queue's descriptor; when woken it takes every waiting call in one go
 and runs their hooks: plain hooks inline, `async` hooks as tasks on the same loop under
-the route's time budget (cancelled past it). A plain hook that blocks cannot be
-cancelled, so a watchdog moves the work to a fresh thread when one holds it too long.
+the route's time budget (cancelled past it). Answers wait in the workers' mailboxes
+until `flush`, once per batch, so a batch wakes each worker once. A plain hook that
+blocks cannot be cancelled, so a watchdog moves the work to a fresh thread when one
+holds it too long.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class _Dispatcher:
         self._sequence = itertools.count()
         self._expired: set[asyncio.Task[None]] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
+        self._flush_scheduled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self.retired = False
         # The plain hook running now and since when, for the watchdog.
@@ -132,16 +135,19 @@ class _Dispatcher:
             assert self.loop is not None
             self.loop.stop()
             return
-        for call in self._queue.take(_BATCH):
-            phase = call.phase_name
-            if phase == "request":
-                self._request(call)
-            elif phase == "response":
-                self._response(call)
-            else:
-                self._log(call)
-            if self.retired:
-                return
+        try:
+            for call in self._queue.take(_BATCH):
+                phase = call.phase_name
+                if phase == "request":
+                    self._request(call)
+                elif phase == "response":
+                    self._response(call)
+                else:
+                    self._log(call)
+                if self.retired:
+                    return
+        finally:
+            self._queue.flush()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], budget: float) -> None:
         """Run `coroutine` as a task, cancelled if still running `budget` seconds from now.
@@ -171,6 +177,17 @@ class _Dispatcher:
                 self._expired.add(task)
                 task.cancel()
         self._sweep_handle = loop.call_at(deadlines[0][0], self._sweep) if deadlines else None
+
+    def _flush_soon(self) -> None:
+        """Flush after the callbacks ready now, so hook tasks finishing together share it."""
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            assert self.loop is not None
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self._queue.flush()
 
     def _cancelled_at_deadline(self) -> bool:
         """Inside a hook task that got CancelledError: whether the budget ran out."""
@@ -250,8 +267,10 @@ class _Dispatcher:
             raise
         except Exception as exc:
             self._failed(call, hook, phase, exc)
-            return
-        call.proceed()
+        else:
+            call.proceed()
+        finally:
+            self._flush_soon()
 
     def _answer(self, call: _core.FilterCall, hook: Hook, result: object) -> None:
         """What an on_request hook returned: a Response answers the request, anything else fails."""
@@ -327,6 +346,8 @@ class FilterRuntime:
 
     def check(self) -> None:
         """Replace the filter thread if a plain hook has blocked it too long."""
+        # Answers given before a slow hook in the same batch wait at most one look.
+        self.queue.flush()
         dispatcher = self._dispatcher
         busy = dispatcher.busy if dispatcher is not None else None
         if dispatcher is None or busy is None:

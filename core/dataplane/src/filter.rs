@@ -5,6 +5,9 @@
 //! handle and per-request state an `Any` box. Calls are queued without blocking and
 //! answered through a oneshot channel the worker awaits with the chain's time budget,
 //! so a slow, stuck or absent runner only ever costs the filtered route that budget.
+//! Both directions are batched (see `mailbox`).
+
+mod mailbox;
 
 use std::any::Any;
 use std::fmt;
@@ -23,10 +26,14 @@ pub type ChainHandle = Arc<dyn Any + Send + Sync>;
 /// The runner's state for one request, kept between its phases (the Python request).
 pub type Exchange = Box<dyn Any + Send>;
 
+pub use mailbox::{Mailbox, Reply};
+
 /// Takes filter calls off the workers. Implementations must never block.
 pub trait FilterRunner: Send + Sync {
-    /// Queues a call, or hands it back when the queue is full.
+    /// Queues a call without waking the runner, or hands it back when the queue is full.
     fn submit(&self, call: Call) -> Result<(), Box<Call>>;
+    /// Makes the runner take the calls queued so far.
+    fn wake(&self);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,14 +151,14 @@ pub enum Call {
     Request {
         chain: Arc<FilterChain>,
         head: RequestHead,
-        reply: oneshot::Sender<RequestVerdict>,
+        reply: Reply<RequestVerdict>,
     },
     Response {
         chain: Arc<FilterChain>,
         request: RequestState,
         status: StatusCode,
         headers: HeaderMap,
-        reply: oneshot::Sender<ResponseVerdict>,
+        reply: Reply<ResponseVerdict>,
     },
     Log {
         chain: Arc<FilterChain>,
@@ -193,11 +200,11 @@ pub enum ResponseVerdict {
 
 /// Runs a request-phase call: queue, await within the budget, count the outcome.
 pub async fn call_request(
-    runner: &dyn FilterRunner,
+    runner: &Arc<dyn FilterRunner>,
     chain: &Arc<FilterChain>,
     head: RequestHead,
 ) -> RequestVerdict {
-    let (reply, answer) = oneshot::channel();
+    let (reply, answer) = Reply::new();
     let call = Call::Request { chain: chain.clone(), head, reply };
     match await_answer(runner, chain, Phase::Request, call, answer).await {
         Ok(verdict) => verdict,
@@ -206,13 +213,13 @@ pub async fn call_request(
 }
 
 pub async fn call_response(
-    runner: &dyn FilterRunner,
+    runner: &Arc<dyn FilterRunner>,
     chain: &Arc<FilterChain>,
     request: RequestState,
     status: StatusCode,
     headers: HeaderMap,
 ) -> ResponseVerdict {
-    let (reply, answer) = oneshot::channel();
+    let (reply, answer) = Reply::new();
     let call = Call::Response { chain: chain.clone(), request, status, headers, reply };
     match await_answer(runner, chain, Phase::Response, call, answer).await {
         Ok(verdict) => verdict,
@@ -222,20 +229,21 @@ pub async fn call_response(
 
 /// Fire and forget: the log phase has no answer to wait for.
 pub fn call_log(
-    runner: &dyn FilterRunner,
+    runner: &Arc<dyn FilterRunner>,
     chain: &Arc<FilterChain>,
     request: RequestState,
     record: LogRecord,
 ) {
     chain.metrics.call(Phase::Log);
     let call = Call::Log { chain: chain.clone(), request, record };
-    if runner.submit(call).is_err() {
-        chain.metrics.failure(Phase::Log, &chain.names, FailReason::Overload);
+    match runner.submit(call) {
+        Ok(()) => mailbox::wake_runner(runner),
+        Err(_) => chain.metrics.failure(Phase::Log, &chain.names, FailReason::Overload),
     }
 }
 
 async fn await_answer<T>(
-    runner: &dyn FilterRunner,
+    runner: &Arc<dyn FilterRunner>,
     chain: &FilterChain,
     phase: Phase,
     call: Call,
@@ -245,12 +253,15 @@ async fn await_answer<T>(
     chain.metrics.call(phase);
     let result = match runner.submit(call) {
         Err(_) => Err(FailReason::Overload),
-        Ok(()) => match tokio::time::timeout(chain.timeout, answer).await {
-            Ok(Ok(answer)) => Ok(answer),
-            // The runner dropped the call unanswered: it is shutting down.
-            Ok(Err(_)) => Err(FailReason::Overload),
-            Err(_) => Err(FailReason::Timeout),
-        },
+        Ok(()) => {
+            mailbox::wake_runner(runner);
+            match tokio::time::timeout(chain.timeout, answer).await {
+                Ok(Ok(answer)) => Ok(answer),
+                // The runner dropped the call unanswered: it is shutting down.
+                Ok(Err(_)) => Err(FailReason::Overload),
+                Err(_) => Err(FailReason::Timeout),
+            }
+        }
     };
     chain.metrics.latency(phase, started.elapsed());
     if let Err(reason) = result {
@@ -307,7 +318,7 @@ impl Drop for LogOnDrop {
     fn drop(&mut self) {
         if let Some(PendingLog { runner, chain, request, mut record }) = self.pending.take() {
             record.duration = self.started.elapsed();
-            call_log(&*runner, &chain, request, record);
+            call_log(&runner, &chain, request, record);
         }
     }
 }

@@ -478,7 +478,7 @@ where
     let mut exchanged = Exchanged::default();
     // A client that leaves while the hooks run takes its request with it, as on hyper.
     let verdict = tokio::select! {
-        verdict = call_request(&*ctx.shared.filters, chain, head) => verdict,
+        verdict = call_request(&ctx.shared.filters, chain, head) => verdict,
         () = client_gone(io, buffers.read) => {
             tracing::debug!(route = %route.name, "client closed its connection while its request was filtered");
             return Some(Next::Close);

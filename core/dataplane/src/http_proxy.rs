@@ -299,7 +299,7 @@ async fn request_phase(
         Ok(body) => RequestBody::new(body, listener.max_body_bytes),
         Err(data) => RequestBody::buffered(data),
     };
-    let failure = match call_request(&*ctx.shared.filters, chain, head).await {
+    let failure = match call_request(&ctx.shared.filters, chain, head).await {
         RequestVerdict::Continue { exchange, headers, path_and_query, body, cluster } => {
             exchanged.request = exchange.map(RequestState::Exchange);
             parts.headers = headers;
@@ -353,7 +353,7 @@ async fn response_phase(
     let fail_open = chain.on_error == OnError::FailOpen;
     let original = fail_open.then(|| parts.headers.clone());
     let headers = std::mem::take(&mut parts.headers);
-    match call_response(&*ctx.shared.filters, chain, request, parts.status, headers).await {
+    match call_response(&ctx.shared.filters, chain, request, parts.status, headers).await {
         ResponseVerdict::Continue { exchange, status, headers } => {
             exchanged.request = Some(RequestState::Exchange(exchange));
             parts.status = status;

@@ -67,7 +67,10 @@ impl Worker {
             .name(format!("meshpy-worker-{index}"))
             .spawn(move || {
                 crate::pool::set_worker(index);
-                let _ = runtime.block_on(stopped);
+                let _ = runtime.block_on(async {
+                    crate::filter::Mailbox::install();
+                    stopped.await
+                });
                 runtime.shutdown_timeout(Duration::from_millis(100));
             })
             .map_err(|e| Error::Listen(format!("cannot start a worker thread: {e}")))?;

@@ -2,8 +2,9 @@
 //!
 //! Workers push without blocking and never touch Python: a full queue hands the call
 //! back. The Python thread sleeps in its event loop on the read end of a socket pair;
-//! the first push after it last drained writes one byte there, and it then takes
-//! every pending call in one GIL acquisition.
+//! the first wake after it last drained writes one byte there, and it then takes
+//! every pending call in one GIL acquisition. Its verdicts go to the workers'
+//! mailboxes, which `flush` wakes once it has answered what it took.
 
 use std::collections::VecDeque;
 use std::io::{ErrorKind, Read, Write};
@@ -14,12 +15,11 @@ use std::sync::{Arc, Mutex};
 
 use http::header::{HeaderValue, CONTENT_TYPE};
 use meshpy_dataplane::filter::{
-    Call, FailReason, Failure, FilterChain, FilterRunner, Phase, RequestState, RequestVerdict,
-    ResponseVerdict,
+    Call, FailReason, Failure, FilterChain, FilterRunner, Mailbox, Phase, Reply, RequestState,
+    RequestVerdict, ResponseVerdict,
 };
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
-use tokio::sync::oneshot;
 
 use crate::message::{PyLogRecord, PyRequest, PyResponse};
 
@@ -34,6 +34,17 @@ pub struct Queue {
     closed: AtomicBool,
     wake_tx: UnixStream,
     wake_rx: UnixStream,
+    /// Mailboxes holding verdicts posted since the last `flush`.
+    to_flush: Mutex<Vec<Arc<Mailbox>>>,
+}
+
+impl Queue {
+    /// Sends a verdict; its mailbox, if it needs waking, is woken by the next `flush`.
+    fn answer<T: Send + 'static>(&self, reply: Reply<T>, verdict: T) {
+        if let Some(mailbox) = reply.send(verdict) {
+            self.to_flush.lock().unwrap().push(mailbox);
+        }
+    }
 }
 
 impl FilterRunner for Queue {
@@ -48,11 +59,14 @@ impl FilterRunner for Queue {
             }
             calls.push_back(call);
         }
+        Ok(())
+    }
+
+    fn wake(&self) {
         if !self.notified.swap(true, Ordering::AcqRel) {
             // Non-blocking; a full socket buffer already means a wake-up is pending.
             let _ = (&self.wake_tx).write(&[1]);
         }
-        Ok(())
     }
 }
 
@@ -80,6 +94,7 @@ impl PyFilterQueue {
             closed: AtomicBool::new(false),
             wake_tx,
             wake_rx,
+            to_flush: Mutex::new(Vec::new()),
         };
         Ok(Self { queue: Arc::new(queue) })
     }
@@ -112,7 +127,16 @@ impl PyFilterQueue {
             // More may be waiting: stay readable so the event loop comes back.
             let _ = (&queue.wake_tx).write(&[1]);
         }
-        taken.into_iter().map(|call| Py::new(py, PyFilterCall::from_call(py, call)?)).collect()
+        taken.into_iter().map(|call| Py::new(py, PyFilterCall::from_call(py, call, queue)?)).collect()
+    }
+
+    /// Delivers the verdicts given since the last flush: one wake-up per worker that
+    /// has any, so a batch of answers costs each worker one.
+    fn flush(&self) {
+        let mailboxes = std::mem::take(&mut *self.queue.to_flush.lock().unwrap());
+        for mailbox in mailboxes {
+            mailbox.wake();
+        }
     }
 
     /// Refuses further calls and drops those waiting; their requests see the queue as full.
@@ -127,9 +151,9 @@ impl PyFilterQueue {
     }
 }
 
-enum Reply {
-    Request(oneshot::Sender<RequestVerdict>),
-    Response(oneshot::Sender<ResponseVerdict>),
+enum Pending {
+    Request(Reply<RequestVerdict>),
+    Response(Reply<ResponseVerdict>),
     Log,
     Done,
 }
@@ -137,6 +161,7 @@ enum Reply {
 /// One pending hook call: the request phase, the response phase, or the log phase.
 #[pyclass(module = "meshpy._core", name = "FilterCall")]
 pub struct PyFilterCall {
+    queue: Arc<Queue>,
     chain: Arc<FilterChain>,
     #[pyo3(get)]
     request: Py<PyRequest>,
@@ -144,7 +169,7 @@ pub struct PyFilterCall {
     response: Option<Py<PyResponse>>,
     #[pyo3(get)]
     record: Option<Py<PyLogRecord>>,
-    reply: Reply,
+    reply: Pending,
 }
 
 fn request_object(py: Python<'_>, state: RequestState) -> PyResult<Py<PyRequest>> {
@@ -158,21 +183,24 @@ fn request_object(py: Python<'_>, state: RequestState) -> PyResult<Py<PyRequest>
 }
 
 impl PyFilterCall {
-    fn from_call(py: Python<'_>, call: Call) -> PyResult<Self> {
+    fn from_call(py: Python<'_>, call: Call, queue: &Arc<Queue>) -> PyResult<Self> {
+        let queue = queue.clone();
         Ok(match call {
             Call::Request { chain, head, reply } => Self {
+                queue,
                 chain,
                 request: Py::new(py, PyRequest::from_head(py, head)?)?,
                 response: None,
                 record: None,
-                reply: Reply::Request(reply),
+                reply: Pending::Request(reply),
             },
             Call::Response { chain, request, status, headers, reply } => Self {
+                queue,
                 chain,
                 request: request_object(py, request)?,
                 response: Some(Py::new(py, PyResponse::upstream(py, status, headers)?)?),
                 record: None,
-                reply: Reply::Response(reply),
+                reply: Pending::Response(reply),
             },
             Call::Log { chain, request, record } => {
                 let request = request_object(py, request)?;
@@ -183,16 +211,23 @@ impl PyFilterCall {
                     cluster: record.cluster.to_string(),
                     error: record.error,
                 };
-                Self { chain, request, response: None, record: Some(Py::new(py, record)?), reply: Reply::Log }
+                Self {
+                    queue,
+                    chain,
+                    request,
+                    response: None,
+                    record: Some(Py::new(py, record)?),
+                    reply: Pending::Log,
+                }
             }
         })
     }
 
     fn phase(&self) -> Phase {
         match self.reply {
-            Reply::Request(_) => Phase::Request,
-            Reply::Response(_) => Phase::Response,
-            Reply::Log | Reply::Done => Phase::Log,
+            Pending::Request(_) => Phase::Request,
+            Pending::Response(_) => Phase::Response,
+            Pending::Log | Pending::Done => Phase::Log,
         }
     }
 
@@ -227,17 +262,17 @@ impl PyFilterCall {
     /// Whether the proxy stopped waiting (the budget ran out): the answer is no longer wanted.
     fn expired(&self) -> bool {
         match &self.reply {
-            Reply::Request(tx) => tx.is_closed(),
-            Reply::Response(tx) => tx.is_closed(),
-            Reply::Log => false,
-            Reply::Done => true,
+            Pending::Request(reply) => reply.is_closed(),
+            Pending::Response(reply) => reply.is_closed(),
+            Pending::Log => false,
+            Pending::Done => true,
         }
     }
 
     /// Lets the exchange go on with the request or response as the hooks left it.
     fn proceed(&mut self, py: Python<'_>) -> PyResult<()> {
-        match std::mem::replace(&mut self.reply, Reply::Done) {
-            Reply::Request(tx) => {
+        match std::mem::replace(&mut self.reply, Pending::Done) {
+            Pending::Request(reply) => {
                 let keep = self.chain.keeps_exchange();
                 let request = self.request.borrow(py);
                 let verdict = RequestVerdict::Continue {
@@ -247,9 +282,9 @@ impl PyFilterCall {
                     body: request.upstream_body(py),
                     cluster: request.routed_to.clone(),
                 };
-                let _ = tx.send(verdict);
+                self.queue.answer(reply, verdict);
             }
-            Reply::Response(tx) => {
+            Pending::Response(reply) => {
                 let response = self.response.as_ref().expect("a response-phase call has a response");
                 let response = response.borrow(py);
                 let headers = std::mem::take(&mut response.headers.borrow_mut(py).map);
@@ -258,16 +293,16 @@ impl PyFilterCall {
                     status: response.status,
                     headers,
                 };
-                let _ = tx.send(verdict);
+                self.queue.answer(reply, verdict);
             }
-            Reply::Log | Reply::Done => {}
+            Pending::Log | Pending::Done => {}
         }
         Ok(())
     }
 
     /// Answers the request with `response`; the upstream is never contacted.
     fn respond(&mut self, py: Python<'_>, response: PyRef<'_, PyResponse>) -> PyResult<()> {
-        let Reply::Request(tx) = std::mem::replace(&mut self.reply, Reply::Done) else {
+        let Pending::Request(reply) = std::mem::replace(&mut self.reply, Pending::Done) else {
             return Err(PyRuntimeError::new_err("only the request phase can answer with its own response"));
         };
         let mut headers = response.headers.borrow(py).map.clone();
@@ -278,7 +313,7 @@ impl PyFilterCall {
         if !body.is_empty() && !headers.contains_key(CONTENT_TYPE) {
             headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
         }
-        let _ = tx.send(RequestVerdict::Respond { status: response.status, headers, body });
+        self.queue.answer(reply, RequestVerdict::Respond { status: response.status, headers, body });
         Ok(())
     }
 
@@ -287,16 +322,17 @@ impl PyFilterCall {
         let phase = self.phase();
         self.chain.metrics.failure(phase, filter, FailReason::Exception);
         let failure = Failure { filter: filter.to_owned(), reason: FailReason::Exception, exchange: None };
-        match std::mem::replace(&mut self.reply, Reply::Done) {
-            Reply::Request(tx) => {
+        match std::mem::replace(&mut self.reply, Pending::Done) {
+            Pending::Request(reply) => {
                 let exchange = self.chain.keeps_exchange().then(|| self.exchange(py));
-                let _ = tx.send(RequestVerdict::Failed(Failure { exchange, ..failure }));
+                self.queue.answer(reply, RequestVerdict::Failed(Failure { exchange, ..failure }));
             }
-            Reply::Response(tx) => {
-                let _ = tx
-                    .send(ResponseVerdict::Failed(Failure { exchange: Some(self.exchange(py)), ..failure }));
+            Pending::Response(reply) => {
+                let verdict =
+                    ResponseVerdict::Failed(Failure { exchange: Some(self.exchange(py)), ..failure });
+                self.queue.answer(reply, verdict);
             }
-            Reply::Log | Reply::Done => {}
+            Pending::Log | Pending::Done => {}
         }
     }
 }
