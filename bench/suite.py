@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -608,6 +609,12 @@ def summarize_throughput(
             cpu = r.median("cpu_us_per_req")
             s["cpu_of"] = "upstream" if r.name == DIRECT else "proxy"
             s["cpu_us_per_req_median"] = None if cpu is None else round(cpu, 2)
+            busy = [
+                run.rps * run.cpu_us_per_req / 1e6
+                for run in r.runs
+                if run.cpu_us_per_req is not None
+            ]
+            s["cores_busy_median"] = round(statistics.median(busy), 2) if busy else None
         summaries.append(s)
     return summaries
 
@@ -643,7 +650,7 @@ def summarize_mode(runs: ModeRuns) -> dict[str, Any]:
 def throughput_table(blocks: list[dict[str, Any]]) -> str:
     header = (
         f"{'configuration':<15} {'system':<8} {'req/s median':>12} {'spread (min-max)':>19} "
-        f"{'vs direct':>9} {'p99 ms':>8} {'errors':>6} {'cpu µs/req':>10}"
+        f"{'vs direct':>9} {'p99 ms':>8} {'errors':>6} {'cpu µs/req':>10} {'cores':>5}"
     )
     lines = [header, "-" * len(header)]
     for block in blocks:
@@ -656,13 +663,17 @@ def throughput_table(blocks: list[dict[str, Any]]) -> str:
             else:
                 cpu = _num(s["cpu_us_per_req_median"], ".1f")
                 cpu += "*" if s["cpu_of"] == "upstream" and cpu != "-" else ""
+                cores = _num(s.get("cores_busy_median"), ".2f")
                 spread = f"{_rate(s['rps_min'])}-{_rate(s['rps_max'])}"
                 lines.append(
                     f"{start} {_rate(s['rps_median']):>12} {spread:>19} "
                     f"{_num(s['ratio_to_direct'], '.2f'):>9} "
-                    f"{_ms(s['latency_us_median']['p99']):>8} {s['errors']:>6} {cpu:>10}"
+                    f"{_ms(s['latency_us_median']['p99']):>8} {s['errors']:>6} {cpu:>10} {cores:>5}"
                 )
-    lines.append("cpu µs/req: the proxy's own CPU time per request; * direct: the upstream's")
+    lines.append(
+        "cpu µs/req: the proxy's own CPU time per request; * direct: the upstream's;"
+        " cores: how much of a core that CPU time kept busy (req/s x cpu µs/req)"
+    )
     return "\n".join(lines)
 
 
@@ -876,6 +887,7 @@ def throughput_checks(mode: str, summary: dict[str, Any]) -> list[dict[str, Any]
             "better of nginx and HAProxy (same threads)",
             None if ratio is None else f"{ratio:.2f}x",
             None if ratio is None else ratio >= THROUGHPUT_VS_BEST_PEER,
+            _cores_note(mode, systems),
         ),
         _check(
             f"[{mode}] meshpy CPU per plaintext request (HTTP/1.1 100 B) <= "
@@ -884,6 +896,17 @@ def throughput_checks(mode: str, summary: dict[str, Any]) -> list[dict[str, Any]
             None if cpu is None else cpu <= CPU_US_PER_REQUEST,
         ),
     ]
+
+
+def _cores_note(mode: str, systems: dict[str, dict[str, Any]]) -> str:
+    """In isolated mode, how busy each proxy's own core was: one that did not fill it was
+    held back by the load core, so the ratio is that core's ceiling, not the proxy's."""
+    if mode != "isolated":
+        return ""
+    busy = {name: systems.get(name, {}).get("cores_busy_median") for name in ("meshpy", *PEERS)}
+    if None in busy.values():
+        return ""
+    return "proxy core busy: " + ", ".join(f"{name} {share:.2f}" for name, share in busy.items())
 
 
 def latency_check(mode: str, summary: dict[str, Any]) -> dict[str, Any]:

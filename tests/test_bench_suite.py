@@ -128,9 +128,28 @@ def test_throughput_summary_has_median_spread_ratio_cpu_and_na() -> None:
     assert (direct["rps_median"], direct["cpu_of"]) == (110, "upstream")
     assert (meshpy["rps_median"], meshpy["rps_min"], meshpy["rps_max"]) == (55, 50, 60)
     assert meshpy["ratio_to_direct"] == 0.5 and meshpy["cpu_us_per_req_median"] == 25
+    # The share of a core each round kept busy (req/s x µs/req), median over rounds: the
+    # rounds' 0.9, 0.8 and 0.95, not the product of the medians (50,000 x 16 µs: 0.8).
+    busy = [wrk_result(r, c) for r, c in ((60000, 15), (50000, 16), (40000, 23.75))]
+    (summary,) = suite.summarize_throughput([runs_of("meshpy", busy)], {})
+    assert summary["cores_busy_median"] == 0.9
     assert nginx["n/a"] == "no HTTP/2: why"
     table = suite.throughput_table([{"label": "HTTP/2 100 B", "systems": summaries}])
     assert "n/a: no HTTP/2: why" in table and "50-60" in table
+
+
+def test_isolated_throughput_check_says_how_busy_each_proxy_core_was() -> None:
+    systems = [
+        {"system": name, "rounds_ok": 1, "rps_median": rps, "cores_busy_median": busy}
+        for name, rps, busy in (("meshpy", 54000.0, 0.81), ("nginx", 50000.0, 0.99))
+    ]
+    systems.append({"system": "haproxy", "rounds_ok": 1, "rps_median": 45000.0})
+    summary = {"throughput": [{"config": suite.BASE_CONFIG.key, "systems": systems}]}
+    assert suite.throughput_checks("isolated", summary)[0]["note"] == ""  # haproxy unknown
+    systems[2]["cores_busy_median"] = 0.99
+    check = suite.throughput_checks("isolated", summary)[0]
+    assert check["note"] == "proxy core busy: meshpy 0.81, nginx 0.99, haproxy 0.99"
+    assert suite.throughput_checks("shared", summary)[0]["note"] == ""
 
 
 def test_latency_rates_come_from_the_slowest_peer() -> None:
