@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -156,6 +157,21 @@ class Recorder(meshpy.Filter):
 class BadReturn(meshpy.Filter):
     def on_request(self, req):
         return 42
+
+
+class PathStamp(meshpy.Filter):
+    """Answers /teapot paths itself; stamps the others with their own path."""
+
+    def on_request(self, req):
+        if req.path.endswith("/teapot"):
+            return meshpy.Response(418, req.path.encode())
+        req.headers["x-stamp"] = req.path
+
+
+class AsyncPathStamp(meshpy.Filter):
+    async def on_request(self, req):
+        await asyncio.sleep(0)
+        req.headers["x-async-stamp"] = req.path
 '''
 
 
@@ -249,6 +265,40 @@ def test_hooks_see_the_request_as_it_goes_upstream(start):
         "accept": ["text/html", "application/json"],
         "has_request_id": True,
     }
+
+
+def test_concurrent_requests_each_get_their_own_answer(start):
+    """Answers cross back to the workers in batches: each must reach its own request."""
+    proxy = start(
+        [
+            route("/sync", ["testfilters:PathStamp"]),
+            route("/both", ["testfilters:PathStamp", "testfilters:AsyncPathStamp"]),
+        ],
+        "--workers",
+        "2",
+    )
+    paths = [
+        f"/{kind}/{i}" + ("/teapot" if i % 3 == 0 else "")
+        for kind in ("sync", "both")
+        for i in range(150)
+    ]
+
+    def fetch(chunk: list[str]) -> list[tuple[str, httpx.Response]]:
+        with client() as c:
+            return [(path, c.get(proxy.url() + path)) for path in chunk]
+
+    chunks = [paths[i::30] for i in range(30)]
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        results = [pair for answers in pool.map(fetch, chunks) for pair in answers]
+    assert len(results) == len(paths)
+    for path, response in results:
+        if path.endswith("/teapot"):
+            assert (response.status_code, response.text) == (418, path)
+            continue
+        assert response.status_code == 200, path
+        seen = echoed_headers(response)
+        assert seen["x-stamp"] == [path]
+        assert seen.get("x-async-stamp") == ([path] if path.startswith("/both") else None)
 
 
 def test_path_and_query_rewrites_go_upstream(start):

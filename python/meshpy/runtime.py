@@ -383,3 +383,4 @@ class FilterRuntime:
         if self._dispatcher is not None:
             self._dispatcher.stop(timeout)
             self._dispatcher = None
+        self.queue.flush()  # answers given but not yet handed back
