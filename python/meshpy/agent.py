@@ -47,7 +47,7 @@ log = logging.getLogger("meshpy.agent")
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
 CONFIG_FILE = "sidecar.yaml"
-REPORT_INTERVAL = 1.0  # seconds between reports (the lease heartbeat)
+REPORT_INTERVAL = 1.0  # seconds between reports (the lease heartbeat), at most a third of the TTL
 REPORT_TIMEOUT = 1.0  # seconds a report may take until the control plane names its lease TTL
 POLL_WAIT = 25.0  # seconds a config long-poll may wait on the control plane
 RENEW_AT = 2 / 3  # of the certificate's lifetime
@@ -159,6 +159,7 @@ class MeshAgent:
         self.hash = ""  # of the slice last received (applied or refused)
         self.error: str | None = None
         self._report_timeout = REPORT_TIMEOUT
+        self._report_interval = REPORT_INTERVAL
         self.sidecar: Any = None  # a proxy.Sidecar once started
         self._bound: dict[str, str] = {}
         self._stop = threading.Event()
@@ -336,9 +337,12 @@ class MeshAgent:
         response = self.client.request(
             "POST", "/v1/report", self._report_body(), timeout=self._report_timeout
         )
-        # A hung replica must not hold a report until the lease has expired: a quarter of the
-        # TTL leaves time to move on and report to the next replica before it does.
-        self._report_timeout = response.json()["lease_ttl"] / 4
+        # A hung replica must not hold a report until the lease has expired. Reporting every
+        # third of the TTL (at most) and giving up on a replica after a quarter leaves about
+        # 0.4 of it to move on and report to the next replica before the lease expires.
+        ttl = response.json()["lease_ttl"]
+        self._report_timeout = ttl / 4
+        self._report_interval = min(REPORT_INTERVAL, ttl / 3)
 
     def _report_body(self) -> dict[str, Any]:
         address = self.bootstrap.inbound.advertise or self._bound.get("inbound")
@@ -372,7 +376,7 @@ class MeshAgent:
                     self.renew()
                 self._report()
                 backoff.reset()
-                delay = REPORT_INTERVAL
+                delay = self._report_interval
             except MeshpyError as exc:  # unreachable, refused, or the token cannot be read
                 delay = backoff.next()
                 log.warning("report to the control plane: %s; retrying in %.1fs", exc, delay)
