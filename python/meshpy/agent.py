@@ -158,8 +158,7 @@ class MeshAgent:
         self.version: int | None = None  # the control plane's version now applied
         self.hash = ""  # of the slice last received (applied or refused)
         self.error: str | None = None
-        self._report_timeout = REPORT_TIMEOUT
-        self._report_interval = REPORT_INTERVAL
+        self._lease_ttl: float | None = None  # what the control plane grants, once it said
         self.sidecar: Any = None  # a proxy.Sidecar once started
         self._bound: dict[str, str] = {}
         self._stop = threading.Event()
@@ -335,14 +334,22 @@ class MeshAgent:
 
     def _report(self) -> None:
         response = self.client.request(
-            "POST", "/v1/report", self._report_body(), timeout=self._report_timeout
+            "POST", "/v1/report", self._report_body(), timeout=self._report_timeout()
         )
         # A hung replica must not hold a report until the lease has expired. Reporting every
         # third of the TTL (at most) and giving up on a replica after a quarter leaves about
         # 0.4 of it to move on and report to the next replica before the lease expires.
-        ttl = response.json()["lease_ttl"]
-        self._report_timeout = ttl / 4
-        self._report_interval = min(REPORT_INTERVAL, ttl / 3)
+        self._lease_ttl = response.json()["lease_ttl"]
+
+    def _report_timeout(self) -> float:
+        return REPORT_TIMEOUT if self._lease_ttl is None else self._lease_ttl / 4
+
+    def _report_interval(self) -> float:
+        return (
+            REPORT_INTERVAL
+            if self._lease_ttl is None
+            else min(REPORT_INTERVAL, self._lease_ttl / 3)
+        )
 
     def _report_body(self) -> dict[str, Any]:
         address = self.bootstrap.inbound.advertise or self._bound.get("inbound")
@@ -376,7 +383,7 @@ class MeshAgent:
                     self.renew()
                 self._report()
                 backoff.reset()
-                delay = self._report_interval
+                delay = self._report_interval()
             except MeshpyError as exc:  # unreachable, refused, or the token cannot be read
                 delay = backoff.next()
                 log.warning("report to the control plane: %s; retrying in %.1fs", exc, delay)
