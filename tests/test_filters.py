@@ -458,13 +458,24 @@ def test_slow_filters_time_out_closed_or_open_and_async_ones_are_cancelled(start
     assert "did not finish on_request within the route's filter_timeout" in proxy.stderr()
 
 
+BLOCKING_ROUTES = [
+    route("/block", ["testfilters:BlockForever"], filter_timeout="200ms"),
+    route("/t", ["testfilters:Tenant"]),
+]
+
+
 def test_a_filter_blocking_forever_stops_nothing_else(start):
-    proxy = start(
-        [
-            route("/block", ["testfilters:BlockForever"], filter_timeout="200ms"),
-            route("/t", ["testfilters:Tenant"]),
-        ]
-    )
+    assert_blocked_filter_thread_is_replaced(start(BLOCKING_ROUTES))
+
+
+def test_filters_added_by_a_reload_are_watched_too(start, upstream):
+    """A sidecar started without filters leaves its watchdog asleep; a reload wakes it."""
+    proxy = start([])
+    proxy.reload(filtered_config(BLOCKING_ROUTES, [upstream.addr]))
+    assert_blocked_filter_thread_is_replaced(proxy)
+
+
+def assert_blocked_filter_thread_is_replaced(proxy) -> None:
     results: list[int] = []
 
     def blocked_request() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -73,6 +75,29 @@ def test_sighup_reloads(run_proxy, ab):
 
     proxy.reload(routed_to("cb", clusters), sighup=True)
     assert served_by(proxy) == "b"
+
+
+def python_thread_wakeups(pid: int) -> int:
+    """Times the sidecar's threads other than the data-plane workers went to sleep and woke."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        if (task / "comm").read_text().startswith("meshpy-worker"):
+            continue
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                total += int(line.split()[1])
+    return total
+
+
+def test_an_idle_sidecar_without_filters_lets_its_core_sleep(run_proxy, ab):
+    """Its Python side wakes only to look at the config file, twice a second (signals and
+    the mesh agent's calls wake it when they come)."""
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    time.sleep(0.5)  # past start-up
+    before = python_thread_wakeups(proxy.pid)
+    time.sleep(2)
+    assert python_thread_wakeups(proxy.pid) - before <= 12
 
 
 INVALID = {

@@ -9,8 +9,10 @@ import logging
 import math
 import os
 import queue
+import select
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -37,7 +39,6 @@ __all__ = ["Sidecar"]
 log = logging.getLogger("meshpy.proxy")
 
 _POLL_INTERVAL = 0.5  # seconds between looks at the config file
-_TICK = 0.05  # the main loop's sleep, short so signals are acted on promptly
 _RETRY_FIRST = 0.5  # seconds before retrying a failed self-issue, doubled per failure
 _RETRY_MAX = 30.0
 
@@ -105,6 +106,11 @@ class Sidecar:
         self.last_error: str | None = None  # why the last refused config was refused
         # Work other threads hand to run()'s loop, which owns the proxy (see call_in_loop).
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
+        # run()'s loop sleeps until the next timed job unless a call or a signal wakes it
+        # through this pair, so an idle sidecar does not keep waking its core.
+        self._wake_recv, self._wake_send = socket.socketpair()
+        self._wake_recv.setblocking(False)
+        self._wake_send.setblocking(False)
         # A self-issued identity: its private directory, its key, the certificate, its renewal.
         self._identity_dir: Path | None = None
         self._issue_key: tuple[object, ...] | None = None
@@ -127,6 +133,7 @@ class Sidecar:
         self._module_stats = self._filter_module_stats()
         self._identity_stats = self._identity_file_stats(self._config)
         self._runtime = FilterRuntime(_core.FilterQueue())
+        self._runtime.expect_calls(bool(self._filters.chains))
         self._runtime.start()
         try:
             with _core_errors(str(self.path)):
@@ -180,7 +187,19 @@ class Sidecar:
         through the future. For threads that drive the sidecar (the mesh agent)."""
         future: Future[Any] = Future()
         self._calls.put((call, future))
+        self._wake_loop()
         return future
+
+    def _wake_loop(self) -> None:
+        # Full (already due to wake) or closed (the sidecar is shut down): either way, done.
+        with contextlib.suppress(OSError):
+            self._wake_send.send(b"\0")
+
+    def _sleep_until_woken(self, timeout: float) -> None:
+        select.select([self._wake_recv], [], [], max(0.0, timeout))
+        with contextlib.suppress(OSError):  # drained, or nothing was sent
+            while self._wake_recv.recv(4096):
+                pass
 
     def _run_calls(self) -> None:
         while True:
@@ -202,6 +221,8 @@ class Sidecar:
         # In-flight requests may need their filters until the drain is over.
         self._runtime.stop()
         self._remove_identity_dir()
+        self._wake_recv.close()
+        self._wake_send.close()
 
     def run(self, drain_timeout: float) -> int:
         """Serve until SIGTERM or SIGINT, reloading on SIGHUP and when the file changes.
@@ -215,6 +236,10 @@ class Sidecar:
 
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {signum: signal.signal(signum, on_signal) for signum in signals}
+        # A signal writes to the wake-up socket, so the wait below ends at once.
+        previous_wakeup_fd = signal.set_wakeup_fd(
+            self._wake_send.fileno(), warn_on_full_buffer=False
+        )
         try:
             print(f"meshpy proxy ready: {self._describe_addresses()}", flush=True)
             next_poll = time.monotonic() + _POLL_INTERVAL
@@ -231,11 +256,15 @@ class Sidecar:
                 if not self._proxy.is_running():
                     log.error("the proxy stopped unexpectedly")
                     return 1
-                time.sleep(_TICK)
+                self._sleep_until_woken(
+                    min(next_poll - time.monotonic(), self._renew_due - time.time())
+                )
             log.info("shutting down, draining for up to %gs", drain_timeout)
+            signal.set_wakeup_fd(previous_wakeup_fd)  # shutdown closes the socket it writes to
             self.shutdown(drain_timeout)
             return 0
         finally:
+            signal.set_wakeup_fd(previous_wakeup_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
 
@@ -388,15 +417,19 @@ class Sidecar:
         return True
 
     def _swap(self, config: SidecarConfig, filters: FilterSet, refused: str) -> bool:
+        # Watched from before the new chains can queue a call until the swap is decided.
+        self._runtime.expect_calls(bool(self._filters.chains or filters.chains))
         try:
             with _core_errors(str(self.path)):
                 self._proxy.reload(config.to_core_json(filters), filters.handles())
         except MeshpyError as exc:
             log.error("%s, keeping version %d:\n%s", refused, self.version, exc)
             self.last_error = str(exc)
+            self._runtime.expect_calls(bool(self._filters.chains))
             return False
         self._config = config
         self._filters = filters
+        self._runtime.expect_calls(bool(filters.chains))
         self._module_stats = self._filter_module_stats()
         return True
 

@@ -316,7 +316,9 @@ class FilterRuntime:
 
     A watchdog thread looks every `_WATCH_INTERVAL`: when one plain hook has held the
     thread longer than `stuck_after` seconds, that thread is abandoned to it and a fresh
-    one takes over the queue.
+    one takes over the queue. While no filter chain is configured (see `expect_calls`) and
+    no hook is running, it does not look, so a sidecar without filters has no Python thread
+    waking its core.
     """
 
     def __init__(self, queue: _core.FilterQueue, stuck_after: float = 1.0) -> None:
@@ -327,6 +329,8 @@ class FilterRuntime:
         self._retired: list[_Dispatcher] = []
         self._dispatcher: _Dispatcher | None = None
         self._stopping = threading.Event()
+        self._calls_expected = threading.Event()
+        self._calls_expected.set()
         self._watchdog = threading.Thread(
             target=self._watch, name="meshpy-filters-watchdog", daemon=True
         )
@@ -340,9 +344,19 @@ class FilterRuntime:
         self._dispatcher = _Dispatcher(self.queue, self._errors, self._generation)
         self._dispatcher.start()
 
+    def expect_calls(self, expected: bool) -> None:
+        """Say whether the proxy's config has filter chains, i.e. whether calls can come."""
+        if expected:
+            self._calls_expected.set()
+        else:
+            self._calls_expected.clear()
+
     def _watch(self) -> None:
         while not self._stopping.wait(_WATCH_INTERVAL):
             self.check()
+            dispatcher = self._dispatcher
+            if dispatcher is None or dispatcher.busy is None:
+                self._calls_expected.wait()  # returns at once while calls are expected
 
     def check(self) -> None:
         """Replace the filter thread if a plain hook has blocked it too long."""
@@ -379,6 +393,7 @@ class FilterRuntime:
     def stop(self, timeout: float = 1.0) -> None:
         """Refuse further calls and stop the thread (threads blocked in a filter are left)."""
         self._stopping.set()
+        self._calls_expected.set()  # ends the watchdog's wait
         self.queue.close()
         if self._dispatcher is not None:
             self._dispatcher.stop(timeout)
