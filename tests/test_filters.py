@@ -88,6 +88,18 @@ class AsyncStamp(meshpy.Filter):
         resp.headers["x-async"] = "response"
 
 
+class AsyncGate(meshpy.Filter):
+    """An async hook inside its own asyncio.timeout, answering at once or after a wait."""
+
+    async def on_request(self, req):
+        async with asyncio.timeout(1):  # needs the hook to run inside a task
+            if req.path.endswith("/wait"):
+                await asyncio.sleep(0.001)
+        if req.headers.get("x-deny") == "1":
+            return meshpy.Response(403, b"denied by an async hook\\n")
+        req.headers["x-gate"] = "passed"
+
+
 class BodyGuard(meshpy.Filter):
     body_limit = 1024
 
@@ -328,6 +340,22 @@ def test_async_hooks_both_ways_over_http1_and_http2(start):
         assert r.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
         assert echoed_headers(r)["x-async"] == ["request"]
         assert r.headers["x-async"] == "response"
+
+
+def test_async_hooks_that_do_not_wait_and_that_do_run_as_tasks(start):
+    """Whether the hook returns at once or waits first, it runs inside an asyncio task,
+    can answer, and hands on to the next hook in the chain."""
+    proxy = start([route("/gate", ["testfilters:AsyncGate", "testfilters:PathStamp"])])
+    with client() as c:
+        for path in ("/gate", "/gate/wait"):
+            passed = c.get(proxy.url() + path)
+            assert passed.status_code == 200, passed.text
+            assert echoed_headers(passed)["x-gate"] == ["passed"]
+            assert echoed_headers(passed)["x-stamp"] == [path]
+            denied = c.get(proxy.url() + path, headers={"x-deny": "1"})
+            assert denied.status_code == 403
+            assert denied.text == "denied by an async hook\n"
+    assert proxy.metrics().get("filter_errors_total", route="gate", reason="exception") == 0
 
 
 def test_chain_runs_in_order_and_stops_at_the_first_answer(start):

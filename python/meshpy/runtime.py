@@ -17,6 +17,7 @@ import heapq
 import inspect
 import itertools
 import logging
+import sys
 import threading
 import time
 import traceback
@@ -92,6 +93,7 @@ class _Dispatcher:
         self._expired: set[asyncio.Task[None]] = set()
         self._sweep_handle: asyncio.TimerHandle | None = None
         self._flush_scheduled = False
+        self._in_batch = False  # inside _drain, whose own flush comes after the batch
         self.loop: asyncio.AbstractEventLoop | None = None
         self.retired = False
         # The plain hook running now and since when, for the watchdog.
@@ -135,6 +137,7 @@ class _Dispatcher:
             assert self.loop is not None
             self.loop.stop()
             return
+        self._in_batch = True
         try:
             for call in self._queue.take(_BATCH):
                 phase = call.phase_name
@@ -147,18 +150,27 @@ class _Dispatcher:
                 if self.retired:
                     return
         finally:
+            self._in_batch = False
             self._queue.flush()
 
     def _spawn(self, coroutine: Coroutine[Any, Any, None], budget: float) -> None:
         """Run `coroutine` as a task, cancelled if still running `budget` seconds from now.
 
         One timer serves every task (the earliest deadline): a timer or a timeout context
-        per task would cost about as much as the task itself.
+        per task would cost about as much as the task itself. A task that finished in its
+        first, eager step needs no deadline.
         """
         loop = self.loop
         assert loop is not None
-        task = loop.create_task(coroutine)
         deadline = loop.time() + budget
+        # Python 3.12+ runs the first step at once, inside the task (current_task() and
+        # asyncio.timeout() work as usual): a hook that does not wait costs no loop turn.
+        if sys.version_info >= (3, 12):
+            task = asyncio.Task(coroutine, loop=loop, eager_start=True)
+            if task.done():
+                return
+        else:
+            task = loop.create_task(coroutine)
         heapq.heappush(self._deadlines, (deadline, next(self._sequence), task))
         handle = self._sweep_handle
         if handle is None or deadline < handle.when():
@@ -180,7 +192,7 @@ class _Dispatcher:
 
     def _flush_soon(self) -> None:
         """Flush after the callbacks ready now, so hook tasks finishing together share it."""
-        if not self._flush_scheduled:
+        if not self._flush_scheduled and not self._in_batch:
             self._flush_scheduled = True
             assert self.loop is not None
             self.loop.call_soon(self._flush)
