@@ -10,6 +10,7 @@ mod body;
 mod cluster;
 pub mod config;
 mod drain;
+mod executor;
 pub mod filter;
 mod http1;
 mod http_proxy;

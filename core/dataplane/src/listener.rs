@@ -16,6 +16,7 @@ use tokio_rustls::server::TlsStream;
 
 use crate::admin;
 use crate::config::MtlsMode;
+use crate::executor::spawn_boxed;
 use crate::http1;
 use crate::http_proxy::{self, ConnCtx};
 use crate::identity;
@@ -40,10 +41,8 @@ pub async fn accept_loop(
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
                     let key = key.clone();
-                    // Boxed: the connection's future is about 12 KB (every listener kind's
-                    // states), and tokio copies a task's future whole when it spawns it and
-                    // again when it finishes; a box makes those copies a pointer's.
-                    tokio::spawn(Box::pin(serve_connection(stream, peer, key, shared)));
+                    // About 12 KB: every listener kind's states.
+                    spawn_boxed(serve_connection(stream, peer, key, shared));
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: back off instead of spinning.

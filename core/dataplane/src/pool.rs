@@ -14,12 +14,13 @@ use arc_swap::ArcSwapOption;
 use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
 use crate::body::RequestBody;
+use crate::executor::BoxingExecutor;
 use crate::identity::{Carrying, MeshConnector};
 use crate::metrics::ClusterMetrics;
 
@@ -371,7 +372,7 @@ impl EndpointPool {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        let (sender, connection) = http2::Builder::new(BoxingExecutor)
             .timer(TokioTimer::new())
             .adaptive_window(true)
             .handshake(TokioIo::new(stream))

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 
 use crate::access_log::AccessLog;
 use crate::authz::Policy;
 use crate::cluster::Cluster;
 use crate::config::{Config, ListenerConfig, MtlsMode, Protocol, UpstreamProtocol};
+use crate::executor::BoxingExecutor;
 use crate::filter::{ChainHandle, FilterChain};
 use crate::identity::{Identity, SpiffeId};
 use crate::metrics::{ListenerMetrics, Registry, RouteMetrics};
@@ -250,7 +251,7 @@ impl Snapshot {
 /// connection is decided by ALPN or by the HTTP/2 connection preface.
 pub struct HttpServer {
     pub http1: http1::Builder,
-    pub http2: http2::Builder<TokioExecutor>,
+    pub http2: http2::Builder<BoxingExecutor>,
     /// The request head limits, which the HTTP/1.1 fast path leaves to hyper to enforce.
     pub max_header_bytes: usize,
     pub max_headers: usize,
@@ -264,7 +265,7 @@ impl HttpServer {
             .max_headers(l.limits.max_headers)
             .max_header_size(l.limits.max_header_bytes)
             .header_read_timeout(Duration::from_secs_f64(l.limits.header_read_timeout));
-        let mut h2 = http2::Builder::new(TokioExecutor::new());
+        let mut h2 = http2::Builder::new(BoxingExecutor);
         h2.timer(TokioTimer::new())
             .max_header_list_size(u32::try_from(l.limits.max_header_bytes).unwrap_or(u32::MAX))
             .adaptive_window(true)
