@@ -243,6 +243,33 @@ def test_sigterm_drains_inflight_then_exits_zero(run_proxy, upstreams):
     idle.close()
 
 
+def test_an_error_answered_while_draining_closes_its_connection(run_proxy, tcp_server):
+    """A request whose upstream fails once the drain has begun gets its 502 with
+    ``connection: close``, as every response of a draining proxy does, and the connection
+    then closes."""
+    arrived, release = threading.Event(), threading.Event()
+
+    def hang_up_when_released(conn) -> None:
+        conn.recv(65536)
+        arrived.set()
+        release.wait(10)  # then closes without an answer
+
+    up = tcp_server(hang_up_when_released)
+    proxy = run_proxy(routed_to("c", {"c": up.addr}), "--drain-timeout", "15s")
+    with connect(proxy.addr()) as sock:
+        sock.sendall(b"POST /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert arrived.wait(5), "the request did not reach the upstream"
+        proxy.signal(signal.SIGTERM)
+        wait_for(lambda: proxy.admin_get("/ready").status_code == 503, 3, "the drain to begin")
+        release.set()
+        response = read_response(sock)
+        assert response.status == 502
+        assert response.header("connection") == "close"
+        sock.settimeout(5)
+        assert response.rest == b"" and sock.recv(65536) == b""
+    assert proxy.wait(10) == 0
+
+
 def test_sigterm_drain_deadline_is_enforced(run_proxy, upstreams):
     up = upstreams.get("drain")
     proxy = run_proxy(routed_to("cd", {"cd": up.addr}), "--drain-timeout", "1s")

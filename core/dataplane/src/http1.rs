@@ -489,7 +489,7 @@ where
             let cluster = match cluster {
                 Some(name) => match routed_cluster(ctx, route, chain, name, &mut exchanged) {
                     Ok(cluster) => cluster,
-                    Err(error) => return Some(fail(io, buffers, plan, &error, started).await),
+                    Err(error) => return Some(fail(io, buffers, ctx, plan, &error, started).await),
                 },
                 None => None,
             };
@@ -506,7 +506,7 @@ where
                     let target = String::from_utf8_lossy(request_target(buffers.read)).into_owned();
                     (headers, target, None)
                 }
-                None => return Some(fail(io, buffers, plan, &closed, started).await),
+                None => return Some(fail(io, buffers, ctx, plan, &closed, started).await),
             }
         }
     };
@@ -518,7 +518,7 @@ where
             Ok(uri) => uri.path_and_query().map_or("/", |p| p.as_str()).to_owned(),
             Err(_) => {
                 let error = ProxyError::BadRequest("a filter set an invalid path");
-                return Some(fail(io, buffers, plan, &error, started).await);
+                return Some(fail(io, buffers, ctx, plan, &error, started).await);
             }
         }
     };
@@ -532,7 +532,7 @@ where
                 chosen.name()
             ),
         };
-        return Some(fail(io, buffers, plan, &error, started).await);
+        return Some(fail(io, buffers, ctx, plan, &error, started).await);
     }
     plan.cluster = cluster;
     let body = &buffers.read[body_start..plan.consumed];
@@ -615,7 +615,7 @@ where
             }
             None => ProxyError::NoEndpoint(cluster.name().to_owned()),
         };
-        return fail(io, buffers, plan, &error, started).await;
+        return fail(io, buffers, ctx, plan, &error, started).await;
     };
 
     let request = &buffers.request[..];
@@ -671,7 +671,7 @@ where
                 }
             };
             tracing::debug!(route = %route.name, error = %error, "request failed");
-            return fail(io, buffers, plan, &error, started).await;
+            return fail(io, buffers, ctx, plan, &error, started).await;
         }
     };
     let answered = Instant::now();
@@ -914,6 +914,7 @@ where
 async fn fail<T>(
     io: &mut MeteredIo<T>,
     buffers: &mut Buffers<'_>,
+    ctx: &ConnCtx,
     plan: &mut Plan<'_>,
     error: &ProxyError,
     started: Instant,
@@ -927,7 +928,8 @@ where
         entry.status = status;
         entry.duration = started.elapsed();
     }
-    answer(io, &mut buffers.response, error, plan.head, plan.close).await
+    let close = plan.close || ctx.shared.drain.is_draining();
+    answer(io, &mut buffers.response, error, plan.head, close).await
 }
 
 async fn answer<T>(
