@@ -237,6 +237,7 @@ def test_sigterm_drains_inflight_then_exits_zero(run_proxy, upstreams):
     t.join(20)
     assert "exc" not in result, result
     assert result["r"].status_code == 200
+    assert result["r"].headers["connection"] == "close"  # answered while draining
     assert proxy.wait(5) == 0  # exits once drained, not at the 15 s deadline
     idle.settimeout(5)
     assert idle.recv(65536) == b""
