@@ -174,13 +174,12 @@ where
         Decision::Filter { plan, head, body_start } => (plan, Some((head, body_start))),
         Decision::Answer { error, consumed, close, head, mut entry } => {
             buffers.read.advance(consumed);
-            let close = close || ctx.shared.drain.is_draining();
             if let (Some(log), Some(entry)) = (log, entry.as_mut()) {
                 entry.status = error.status().as_u16();
                 entry.duration = started.elapsed();
                 log.write(entry);
             }
-            return answer(io, &mut buffers.response, &error, head, close).await;
+            return answer(io, ctx, &mut buffers.response, &error, head, close).await;
         }
         Decision::Hyper => return Next::Hyper,
     };
@@ -496,8 +495,7 @@ where
             (headers, path_and_query, cluster)
         }
         RequestVerdict::Respond { status, headers, body } => {
-            let close = plan.close || ctx.shared.drain.is_draining();
-            return Some(respond(io, buffers, plan, status, &headers, &body, close, started).await);
+            return Some(respond(io, buffers, ctx, plan, status, &headers, &body, started).await);
         }
         RequestVerdict::Failed(failure) => {
             let closed = exchanged.failed(failure);
@@ -928,12 +926,14 @@ where
         entry.status = status;
         entry.duration = started.elapsed();
     }
-    let close = plan.close || ctx.shared.drain.is_draining();
-    answer(io, &mut buffers.response, error, plan.head, close).await
+    answer(io, ctx, &mut buffers.response, error, plan.head, plan.close).await
 }
 
+/// Writes the proxy's own answer to `error`. The connection closes after it if the client
+/// asked (`close`) or the proxy is draining.
 async fn answer<T>(
     io: &mut MeteredIo<T>,
+    ctx: &ConnCtx,
     out: &mut Vec<u8>,
     error: &ProxyError,
     head: bool,
@@ -942,6 +942,7 @@ async fn answer<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let close = close || ctx.shared.drain.is_draining();
     let body = error.local_body();
     out.clear();
     status_line(out, error.status());
@@ -959,21 +960,23 @@ where
     }
 }
 
-/// Answers with the response a filter made.
+/// Answers with the response a filter made; the connection closes after it if the client
+/// asked or the proxy is draining.
 #[allow(clippy::too_many_arguments)]
 async fn respond<T>(
     io: &mut MeteredIo<T>,
     buffers: &mut Buffers<'_>,
+    ctx: &ConnCtx,
     plan: &mut Plan<'_>,
     status: StatusCode,
     headers: &HeaderMap,
     body: &[u8],
-    close: bool,
     started: Instant,
 ) -> Next
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
+    let close = plan.close || ctx.shared.drain.is_draining();
     plan.route.metrics.response(status.as_u16(), started.elapsed());
     if let Some(entry) = plan.entry.as_mut() {
         entry.status = status.as_u16();
