@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -98,6 +99,36 @@ def test_an_idle_sidecar_without_filters_lets_its_core_sleep(run_proxy, ab):
     before = python_thread_wakeups(proxy.pid)
     time.sleep(2)
     assert python_thread_wakeups(proxy.pid) - before <= 12
+
+
+def test_calls_and_signals_wake_the_sleeping_sidecar_loop(tmp_path, ab, monkeypatch):
+    """The loop sleeps until its next timed job; made an hour away here, a call handed to
+    it and then a SIGTERM are still acted on, since they wake it (left to the timed look,
+    the call times out, or run() hangs until pytest-timeout fails the test)."""
+    from meshpy import proxy as proxy_module
+    from meshpy.proxy import Sidecar
+
+    _, _, clusters = ab
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(routed_to("ca", clusters), sort_keys=False))
+    monkeypatch.setattr(proxy_module, "_POLL_INTERVAL", 3600.0)
+    sidecar = Sidecar(path)
+    version = sidecar.version
+    answers: list[int] = []
+
+    def drive() -> None:
+        try:
+            sidecar.call_in_loop(lambda: None).result(timeout=30)  # the loop has started
+            time.sleep(0.2)  # and is asleep
+            answers.append(sidecar.call_in_loop(lambda: sidecar.version).result(timeout=30))
+        finally:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    driver = threading.Thread(target=drive)
+    driver.start()
+    assert sidecar.run(drain_timeout=1) == 0
+    driver.join(5)
+    assert answers == [version]
 
 
 INVALID = {

@@ -106,11 +106,8 @@ class Sidecar:
         self.last_error: str | None = None  # why the last refused config was refused
         # Work other threads hand to run()'s loop, which owns the proxy (see call_in_loop).
         self._calls: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = queue.SimpleQueue()
-        # run()'s loop sleeps until the next timed job unless a call or a signal wakes it
-        # through this pair, so an idle sidecar does not keep waking its core.
-        self._wake_recv, self._wake_send = socket.socketpair()
-        self._wake_recv.setblocking(False)
-        self._wake_send.setblocking(False)
+        # While run() is looping: what a call or a signal writes to, to end its sleep.
+        self._wake_send: socket.socket | None = None
         # A self-issued identity: its private directory, its key, the certificate, its renewal.
         self._identity_dir: Path | None = None
         self._issue_key: tuple[object, ...] | None = None
@@ -191,15 +188,12 @@ class Sidecar:
         return future
 
     def _wake_loop(self) -> None:
-        # Full (already due to wake) or closed (the sidecar is shut down): either way, done.
-        with contextlib.suppress(OSError):
-            self._wake_send.send(b"\0")
-
-    def _sleep_until_woken(self, timeout: float) -> None:
-        select.select([self._wake_recv], [], [], max(0.0, timeout))
-        with contextlib.suppress(OSError):  # drained, or nothing was sent
-            while self._wake_recv.recv(4096):
-                pass
+        wake = self._wake_send
+        # None or closed: run() is not looping, and takes queued calls when it starts.
+        # Full: it is already due to wake.
+        if wake is not None:
+            with contextlib.suppress(OSError):
+                wake.send(b"\0")
 
     def _run_calls(self) -> None:
         while True:
@@ -221,8 +215,6 @@ class Sidecar:
         # In-flight requests may need their filters until the drain is over.
         self._runtime.stop()
         self._remove_identity_dir()
-        self._wake_recv.close()
-        self._wake_send.close()
 
     def run(self, drain_timeout: float) -> int:
         """Serve until SIGTERM or SIGINT, reloading on SIGHUP and when the file changes.
@@ -236,10 +228,14 @@ class Sidecar:
 
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         previous = {signum: signal.signal(signum, on_signal) for signum in signals}
-        # A signal writes to the wake-up socket, so the wait below ends at once.
-        previous_wakeup_fd = signal.set_wakeup_fd(
-            self._wake_send.fileno(), warn_on_full_buffer=False
-        )
+        # The loop sleeps until its next timed job (the config look, a renewal), so an idle
+        # sidecar does not keep waking its core; signals and calls end the sleep through
+        # this pair.
+        woken, wake = socket.socketpair()
+        woken.setblocking(False)
+        wake.setblocking(False)
+        previous_wakeup_fd = signal.set_wakeup_fd(wake.fileno(), warn_on_full_buffer=False)
+        self._wake_send = wake
         try:
             print(f"meshpy proxy ready: {self._describe_addresses()}", flush=True)
             next_poll = time.monotonic() + _POLL_INTERVAL
@@ -256,17 +252,21 @@ class Sidecar:
                 if not self._proxy.is_running():
                     log.error("the proxy stopped unexpectedly")
                     return 1
-                self._sleep_until_woken(
-                    min(next_poll - time.monotonic(), self._renew_due - time.time())
-                )
+                timeout = min(next_poll - time.monotonic(), self._renew_due - time.time())
+                select.select([woken], [], [], max(0.0, timeout))
+                with contextlib.suppress(BlockingIOError):  # drained
+                    while woken.recv(4096):
+                        pass
             log.info("shutting down, draining for up to %gs", drain_timeout)
-            signal.set_wakeup_fd(previous_wakeup_fd)  # shutdown closes the socket it writes to
             self.shutdown(drain_timeout)
             return 0
         finally:
             signal.set_wakeup_fd(previous_wakeup_fd)
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            self._wake_send = None
+            woken.close()
+            wake.close()
 
     def __enter__(self) -> "Sidecar":
         return self
