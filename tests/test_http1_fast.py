@@ -11,6 +11,7 @@ metrics, and request hooks run on it compared with the same hooks on hyper.
 
 from __future__ import annotations
 
+import email.utils
 import hashlib
 import json
 import socket
@@ -87,6 +88,7 @@ class Response:
     rest: bytes
     trailers: list[bytes] = field(default_factory=list)
     interim: list[int] = field(default_factory=list)
+    raw_head: bytes = b""
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k == name), None)
@@ -110,20 +112,33 @@ def read_response(sock: socket.socket, buf: bytes = b"", head: bool = False) -> 
         break
     hmap = dict(headers)
     if head or status in (204, 304):
-        return Response(status, headers, b"", buf, interim=interim)
+        return Response(status, headers, b"", buf, interim=interim, raw_head=raw_head)
     if "chunked" in hmap.get("transfer-encoding", "").lower():
         body, trailers, rest = _read_chunked(sock, buf)
-        return Response(status, headers, body, rest, trailers, interim)
+        return Response(status, headers, body, rest, trailers, interim, raw_head)
     if "content-length" in hmap:
         n = int(hmap["content-length"])
         while len(buf) < n:
             buf = _recv(sock, buf)
-        return Response(status, headers, buf[:n], buf[n:], interim=interim)
-    return Response(status, headers, buf + read_until_close(sock, TIMEOUT), b"", interim=interim)
+        return Response(status, headers, buf[:n], buf[n:], interim=interim, raw_head=raw_head)
+    body = buf + read_until_close(sock, TIMEOUT)
+    return Response(status, headers, body, b"", interim=interim, raw_head=raw_head)
+
+
+def relayed_as_sent(resp: Response, name: bytes) -> bool:
+    """The response carries header ``name`` spelt as the upstream sent it. hyper's server
+    writes every header name in lower case; the fast path passes the upstream's on as they
+    came. A connection handed to hyper stays there, so this also tells the path of every
+    response before it on the same connection."""
+    return b"\r\n" + name + b":" in resp.raw_head
 
 
 def get(path: str, extra: str = "", method: str = "GET") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: svc.test\r\n{extra}\r\n".encode()
+
+
+# A Connection header naming a token the fast path does not know hands the connection to hyper.
+VIA = {"fast-path": "", "hyper": "Connection: keep-alive, x-to-hyper\r\n"}
 
 
 def post(path: str, body: bytes, extra: str = "") -> bytes:
@@ -599,6 +614,50 @@ def test_fast_path_request_headers(run_proxy, tcp_server):
     assert h3["x-request-id"] != h1["x-request-id"]
 
 
+# ---------------------------------------------------------------------- 9 the date header
+
+UPSTREAM_DATE = "Sun, 06 Nov 1994 08:49:37 GMT"
+
+
+def dated_on_request(conn: socket.socket, request: Request) -> None:
+    extra = b"X-Upstream: raw\r\n"
+    if request.target == "/ok/dated":
+        extra += f"Date: {UPSTREAM_DATE}\r\n".encode()
+    conn.sendall(ok(b"fine", extra))
+
+
+@pytest.mark.parametrize("via", VIA)
+def test_responses_are_dated_and_an_upstream_date_is_kept(run_proxy, tcp_server, free_port, via):
+    """RFC 9110 §6.6.1 on either path: the proxy's own answers (no route, upstream down) and
+    responses that came without a date get the current one; an upstream's date is passed
+    on unchanged. All on one connection, which the last response shows never left the
+    path it started on."""
+    backend = tcp_server(RawUpstream(dated_on_request))
+    routes = [
+        {"name": "ok", "match": {"path_prefix": "/ok"}, "cluster": "backend"},
+        {"name": "down", "match": {"path_prefix": "/down"}, "cluster": "down"},
+    ]
+    down = cluster("down", [f"127.0.0.1:{free_port()}"])
+    proxy = run_proxy(config([http_listener(routes)], [cluster("backend", [backend.addr]), down]))
+    paths = ["/ok/undated", "/ok/dated", "/none", "/down", "/ok/last"]
+    with connect(proxy.addr(), TIMEOUT) as sock:
+        sock.sendall(b"".join(get(path, VIA[via]) for path in paths))
+        buf, responses = b"", []
+        for _ in paths:
+            responses.append(resp := read_response(sock, buf))
+            buf = resp.rest
+    received = time.time()
+    assert [r.status for r in responses] == [200, 200, 404, 503, 200]
+    assert relayed_as_sent(responses[-1], b"X-Upstream") == (via == "fast-path")
+    dates = [r.header("date") for r in responses]
+    assert dates[1] == UPSTREAM_DATE
+    for date in dates[:1] + dates[2:]:
+        assert date is not None
+        sent = email.utils.parsedate_to_datetime(date).timestamp()
+        assert received - 10 < sent <= received, (date, received)
+    assert all(len([k for k, _ in r.headers if k == "date"]) == 1 for r in responses)
+
+
 # -------------------------------------------------------------------------- 10 metrics
 
 
@@ -683,8 +742,6 @@ def test_client_closing_while_upstream_works_cancels_the_upstream_request(run_pr
 
 # ------------------------------------------------------------ 12 request hooks on the fast path
 
-VIA = {"fast-path": "", "hyper": "Connection: keep-alive, x-to-hyper\r\n"}
-
 REQUEST_HOOKS = '''
 import asyncio
 import json
@@ -738,7 +795,7 @@ def echo_request(conn: socket.socket, request: Request) -> None:
         "headers": request.headers,
         "body": request.body.decode(),
     }
-    conn.sendall(ok(json.dumps(echoed).encode(), b"x-upstream: backend\r\n"))
+    conn.sendall(ok(json.dumps(echoed).encode(), b"X-Upstream: backend\r\n"))
 
 
 def request_hooks_proxy(
@@ -845,11 +902,10 @@ def test_request_hooks_run_on_the_fast_path_as_they_do_on_hyper(run_proxy, tcp_s
     assert fast[7].json()["target"] == "/edited/after"
 
     assert [comparable(r) for r in fast] == [comparable(r) for r in hyper]
-    # hyper's server adds a Date header to every response, while the fast path relays the
-    # upstream's head (which has none) and writes the hooks' answers as they are: so this
-    # says which path served each request.
-    assert all(r.header("date") is None for r in fast), "a filtered request went to hyper"
-    assert all(r.header("date") for r in hyper)
+    assert relayed_as_sent(fast[-1], b"X-Upstream"), "a filtered request went to hyper"
+    assert not relayed_as_sent(hyper[-1], b"X-Upstream")
+    # both paths date the hooks' answers and the upstream's undated responses
+    assert all(r.header("date") for r in fast + hyper)
     assert backend.accepted >= 1
 
 
@@ -863,7 +919,10 @@ def test_request_hooks_stay_on_hyper_when_a_filter_could_route_to_http2(
     responses = exchange_all(proxy, "fast-path")
     assert [r.status for r in responses] == [200, 403, 403, 200, 200, 204, 200, 200]
     assert responses[6].json()["target"] == "/edited/to-canary"
-    assert all(r.header("date") for r in responses), "served by hyper, which adds Date"
+    relayed = [r for r in responses if r.header("x-upstream")]
+    assert relayed and not any(relayed_as_sent(r, b"X-Upstream") for r in relayed), (
+        "served by the fast path, which keeps the upstream's spelling"
+    )
 
 
 def test_client_leaving_while_its_request_is_filtered_cancels_it(run_proxy, tcp_server):

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
-use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::header::{CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -25,6 +25,7 @@ use crate::access_log::Entry;
 use crate::balance::InFlight;
 use crate::cluster::Cluster;
 use crate::config::OnError;
+use crate::date::push_date;
 use crate::drain::Drain;
 use crate::filter::{call_request, RequestHead, RequestVerdict};
 use crate::http_proxy::{
@@ -711,6 +712,8 @@ struct ResponseHead {
     framing: Framing,
     /// The upstream connection may carry another request afterwards.
     reusable: bool,
+    /// The upstream sent a `date` header (passed on as it is).
+    dated: bool,
 }
 
 /// Writes the request and reads until a final response head is in `relay`; its status
@@ -778,10 +781,13 @@ fn parse_response(
     let mut content_length = None;
     let mut chunked = None;
     let mut reusable = response.version == Some(1);
+    let mut dated = false;
     let mut named = Vec::new();
     for header in response.headers.iter() {
         let (name, value) = (header.name, header.value);
-        if name.eq_ignore_ascii_case("content-length") {
+        if name.eq_ignore_ascii_case("date") {
+            dated = true;
+        } else if name.eq_ignore_ascii_case("content-length") {
             let length =
                 parse_length(value).ok_or_else(|| Failure::Broken("invalid content-length".into()))?;
             if content_length.is_some_and(|n| n != length) {
@@ -835,7 +841,7 @@ fn parse_response(
             push_header(out, name.as_bytes(), header.value);
         }
     }
-    Ok(Some(ResponseHead { status, head_len, framing, reusable }))
+    Ok(Some(ResponseHead { status, head_len, framing, reusable, dated }))
 }
 
 /// The connection a response comes from, and what to do with it once the body ends.
@@ -863,6 +869,9 @@ where
 {
     // The status line and headers are there already (`round_trip`).
     let out = &mut buffers.response;
+    if !head.dated {
+        push_date(out);
+    }
     if close {
         out.extend_from_slice(b"connection: close\r\n");
     }
@@ -946,6 +955,7 @@ where
     let body = error.local_body();
     out.clear();
     status_line(out, error.status());
+    push_date(out);
     let _ = write!(out, "content-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n", body.len());
     if close {
         out.extend_from_slice(b"connection: close\r\n");
@@ -985,6 +995,9 @@ where
     let out = &mut buffers.response;
     out.clear();
     status_line(out, status);
+    if !headers.contains_key(DATE) {
+        push_date(out);
+    }
     for (name, value) in headers {
         let framing = *name == CONTENT_LENGTH || *name == TRANSFER_ENCODING;
         if !framing && !HOP_BY_HOP.contains(&name.as_str()) {
@@ -1172,6 +1185,17 @@ mod tests {
         let lines = String::from_utf8(out).unwrap();
         assert_eq!(lines, "HTTP/1.1 200 OK\r\ncontent-length: 3\r\nx-kept: 2\r\n");
         assert_eq!(&raw[head.head_len..], b"abc");
+        assert!(!head.dated, "the relay adds a date to a response that came without one");
+    }
+
+    #[test]
+    fn an_upstream_date_is_passed_on_as_it_is() {
+        let raw = b"HTTP/1.1 200 OK\r\nDate: Sun, 06 Nov 1994 08:49:37 GMT\r\ncontent-length: 0\r\n\r\n";
+        let mut out = Vec::new();
+        let head = parse_response(raw, false, &mut out).ok().flatten().unwrap();
+        assert!(head.dated);
+        let lines = String::from_utf8(out).unwrap();
+        assert!(lines.contains("Date: Sun, 06 Nov 1994 08:49:37 GMT\r\n"), "{lines}");
     }
 
     #[test]

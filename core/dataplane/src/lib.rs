@@ -9,6 +9,7 @@ mod balance;
 mod body;
 mod cluster;
 pub mod config;
+mod date;
 mod drain;
 mod executor;
 pub mod filter;
