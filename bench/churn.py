@@ -138,7 +138,6 @@ def tlsload_command(
     client = creds["a"] if kind == MTLS else None
     return mesh.tlsload_command(
         port,
-        creds["b"].bundle,
         args.handshake_seconds,
         args.handshake_connections,
         pin,

@@ -267,7 +267,6 @@ def add_handshake_connections_argument(parser: argparse.ArgumentParser) -> None:
 
 def tlsload_command(
     port: int,
-    bundle: Path,
     seconds: int,
     connections: int,
     pin: list[str],
@@ -282,8 +281,6 @@ def tlsload_command(
         str(peers.tlsload_binary()),
         "--connect",
         f"{peers.HOST}:{port}",
-        "--ca",
-        str(bundle),
         "--connections",
         str(connections),
         "--seconds",
@@ -428,7 +425,6 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     continue
                 command = tlsload_command(
                     mtls_b.port,
-                    creds["a"].bundle,
                     args.handshake_seconds,
                     args.handshake_connections,
                     load_pin,

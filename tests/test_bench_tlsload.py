@@ -84,8 +84,9 @@ def server(creds: dict[str, mesh.Creds]) -> Iterator[CountingTlsServer]:
     counting.listener.close()
 
 
-def run_tlsload(tlsload: Path, port: int, bundle: Path, *extra: str) -> dict:
-    command = [str(tlsload), "--connect", f"127.0.0.1:{port}", "--ca", str(bundle)]
+def run_tlsload(tlsload: Path, port: int, bundle: Path | None, *extra: str) -> dict:
+    command = [str(tlsload), "--connect", f"127.0.0.1:{port}"]
+    command += ["--ca", str(bundle)] if bundle else []
     command += ["--connections", "4", "--seconds", "1", *extra]
     done = subprocess.run(command, capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
@@ -121,12 +122,16 @@ def test_a_chain_that_does_not_verify_is_an_error_unless_only_less_is_checked(
     assert "certificate" in refused["first_error"].lower()
     unchecked = run_tlsload(tlsload, port, stranger, "--verify", verify)
     assert unchecked["errors"] == 0 and unchecked["handshakes"] > 0
+    # with no chain to check, no bundle is needed
+    without_ca = run_tlsload(tlsload, port, None, "--verify", verify)
+    assert without_ca["errors"] == 0 and without_ca["handshakes"] > 0
 
 
 def test_bad_arguments_get_the_usage_and_exit_2(tlsload):
     for bad, named in (
         (["--connect", "nowhere"], "--connect nowhere"),
         (["--verify", "some"], "--verify some"),
+        (["--connect", "127.0.0.1:1"], "needs --ca"),
     ):
         done = subprocess.run([str(tlsload), *bad], capture_output=True, text=True)
         assert done.returncode == 2
