@@ -322,11 +322,11 @@ class Sidecar:
             )
         else:
             self._schedule_renewal(identity)  # renew_at may have changed
-        out = self._issued_dir
-        assert out is not None
-        identity.cert = str(out / CERT_FILE)
-        identity.key = str(out / KEY_FILE)
-        identity.bundle = str(out / BUNDLE_FILE)
+        issued_dir = self._issued_dir
+        assert issued_dir is not None
+        identity.cert = str(issued_dir / CERT_FILE)
+        identity.key = str(issued_dir / KEY_FILE)
+        identity.bundle = str(issued_dir / BUNDLE_FILE)
 
     def _schedule_renewal(self, identity: Identity) -> None:
         assert self._issued is not None
@@ -438,7 +438,7 @@ class Sidecar:
         if identity is None:
             return {}
         paths = (identity.cert, identity.key, identity.bundle)
-        return {path: _stat_key(Path(path)) for path in paths}
+        return {path: _stat_key(Path(path)) for path in paths if path is not None}
 
     def reload_identity(self) -> bool:
         """Re-read the identity files: new handshakes use the new certificate and bundle.

@@ -589,6 +589,7 @@ class ShopServer(ThreadingHTTPServer):
     @property
     def address(self) -> str:
         host, port = self.server_address[:2]
+        assert isinstance(host, str)  # an AF_INET or AF_INET6 server
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def process_request(self, request: Any, client_address: Any) -> None:
