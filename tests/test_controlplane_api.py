@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import ssl
 import subprocess
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -449,6 +453,38 @@ def test_renewal_gives_a_new_certificate_for_the_same_identity(
 
 
 # --- 6. long-poll config watch -----------------------------------------------------------------
+
+
+def served_certificate(cp: ControlPlaneProcess) -> x509.Certificate:
+    """The certificate a new handshake gets, verified as clients verify it (the bundle, the
+    dates, the address as name)."""
+    url = urlsplit(cp.url)
+    assert url.hostname and url.port
+    context = ssl.create_default_context(cafile=str(cp.ca_bundle))
+    with (
+        socket.create_connection((url.hostname, url.port), timeout=5) as raw,
+        context.wrap_socket(raw, server_hostname=url.hostname) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_control_plane_renews_its_own_certificate_while_it_runs() -> None:
+    """Past two thirds of its lifetime the HTTPS certificate is replaced without a restart:
+    new handshakes get the new one, and clients holding the same bundle keep working after
+    the first certificate has expired."""
+    with ControlPlaneProcess("--server-cert-ttl", "6s") as cp:
+        first = served_certificate(cp)
+        assert first.not_valid_after_utc - first.not_valid_before_utc < timedelta(seconds=90)
+        seconds_left = (first.not_valid_after_utc - datetime.now(UTC)).total_seconds()
+        time.sleep(max(seconds_left, 0) + 0.5)
+        later = served_certificate(cp)
+        assert later.serial_number != first.serial_number
+        assert later.not_valid_after_utc > first.not_valid_after_utc
+        with cp.admin_http() as admin:
+            assert admin.get("/v1/endpoints").status_code == 200
+        assert "renewed the control plane's certificate" in cp.stderr_path.read_text()
 
 
 def test_config_watch_answers_within_a_second_of_a_change(

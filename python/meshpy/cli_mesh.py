@@ -58,6 +58,7 @@ def _cmd_control_plane(args: argparse.Namespace) -> int:
         advertise=args.advertise,
         admin_token_file=Path(args.admin_token_file) if args.admin_token_file else None,
         cert_ttl=args.cert_ttl,
+        server_cert_ttl=args.server_cert_ttl,
         lease_ttl=args.lease_ttl,
         name=args.name,
     )
@@ -208,6 +209,12 @@ def add_mesh_commands(
                     help="a name or IP sidecars use to reach it (repeatable)")  # fmt: skip
     cp.add_argument("--admin-token-file", help="default: DATA_DIR/admin-token")
     cp.add_argument("--cert-ttl", type=duration, default="1h", help="workload certificates")
+    cp.add_argument(
+        "--server-cert-ttl",
+        type=duration,
+        default="720h",
+        help="its own HTTPS certificate, renewed at 2/3 of it while running (default: 720h)",
+    )
     cp.add_argument("--lease-ttl", type=duration, default="5s",
                     help="how long a silent sidecar stays registered (default: 5s)")  # fmt: skip
     cp.add_argument("--name", help="this replica's name in logs")

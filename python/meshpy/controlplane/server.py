@@ -1,16 +1,19 @@
 """`meshpy control-plane`: the API over HTTPS, with its CA, admin token and store."""
 
+import asyncio
+import datetime as dt
 import ipaddress
 import logging
 import os
 import secrets
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import uvicorn
 
-from ..ca import CAError, CertificateAuthority, write_pem_files
+from ..ca import CAError, CertificateAuthority, IssuedCertificate, write_pem_files
 from .api import ControlPlane, create_app
 from .store import open_store
 
@@ -22,7 +25,9 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 SERVER_SERVICE = "control-plane"
 SERVER_NAMESPACE = "meshpy-system"
-SERVER_CERT_TTL = 30 * 24 * 3600.0  # restart (or re-run) within a month to renew it
+SERVER_CERT_TTL = 30 * 24 * 3600.0  # renewed at two thirds of it while the server runs
+# A renewal that failed (the CA unreadable, a full disk) is tried again this often.
+RENEW_RETRY = 60.0
 
 
 @dataclass
@@ -35,6 +40,7 @@ class ControlPlaneSettings:
     advertise: list[str] = field(default_factory=list)  # extra names/IPs for the certificate
     admin_token_file: Path | None = None
     cert_ttl: float = 3600.0
+    server_cert_ttl: float = SERVER_CERT_TTL
     lease_ttl: float = 5.0
     name: str | None = None
 
@@ -106,10 +112,19 @@ def run_control_plane(settings: ControlPlaneSettings) -> int:
     sock = _bind(settings.listen)
     host, port = sock.getsockname()[:2]
     dns, ips = _split_names(["localhost", host, "127.0.0.1", *settings.advertise])
-    server_cert = ca.issue(
-        SERVER_SERVICE, SERVER_NAMESPACE, SERVER_CERT_TTL, dns_names=dns, ip_addresses=ips
-    )
-    tls = write_pem_files(_private_dir(data_dir / "tls"), server_cert)
+    tls_dir = _private_dir(data_dir / "tls")
+
+    def issue_server_cert() -> tuple[IssuedCertificate, dict[str, Path]]:
+        issued = ca.issue(
+            SERVER_SERVICE,
+            SERVER_NAMESPACE,
+            settings.server_cert_ttl,
+            dns_names=dns,
+            ip_addresses=ips,
+        )
+        return issued, write_pem_files(tls_dir, issued)
+
+    server_cert, tls = issue_server_cert()
     bundle = data_dir / "bundle.pem"
     bundle.write_text(ca.bundle_pem)
     name = settings.name or f"{socket.gethostname()}:{port}"
@@ -130,7 +145,7 @@ def run_control_plane(settings: ControlPlaneSettings) -> int:
         timeout_graceful_shutdown=2,
         lifespan="on",
     )
-    server = uvicorn.Server(config)
+    server = _RenewingServer(config, server_cert, issue_server_cert)
     shown_host = f"[{host}]" if ":" in host else host
     url = f"https://{shown_host}:{port}"
     print(
@@ -143,3 +158,45 @@ def run_control_plane(settings: ControlPlaneSettings) -> int:
     )
     server.run(sockets=[sock])
     return 0
+
+
+class _RenewingServer(uvicorn.Server):
+    """uvicorn's server, which also renews its own HTTPS certificate at two thirds of its
+    lifetime: new handshakes get the new one, open connections keep theirs."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        current: IssuedCertificate,
+        issue: Callable[[], tuple[IssuedCertificate, dict[str, Path]]],
+    ) -> None:
+        super().__init__(config)
+        self._current = current
+        self._issue = issue
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        renewing = asyncio.create_task(self._renew_forever())
+        try:
+            await super().serve(sockets=sockets)
+        finally:
+            renewing.cancel()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            due = self._current.renew_at() - dt.datetime.now(dt.UTC)
+            await asyncio.sleep(max(due.total_seconds(), 0.0))
+            context = self.config.ssl
+            assert context is not None, "the control plane serves HTTPS only"
+            try:
+                issued, files = self._issue()
+                # Handshakes run on this loop, so none is half-way through the swap.
+                context.load_cert_chain(files["cert.pem"], files["key.pem"])
+            except (CAError, OSError) as exc:
+                log.error("cannot renew the control plane's certificate: %s", exc)
+                await asyncio.sleep(RENEW_RETRY)
+                continue
+            self._current = issued
+            log.info(
+                "renewed the control plane's certificate, valid until %s",
+                self._current.not_after.isoformat(timespec="seconds"),
+            )
