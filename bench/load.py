@@ -35,33 +35,52 @@ class LoadError(RuntimeError):
     """A load generator failed or printed something unexpected."""
 
 
+def _split_ticks(fields: list[int]) -> tuple[int, int, int]:
+    """(busy, idle, steal) of one /proc/stat cpu line's counters."""
+    # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
+    fields = fields + [0] * (8 - len(fields))
+    idle = fields[3] + fields[4]
+    steal = fields[7]
+    return sum(fields[:8]) - idle - steal, idle, steal
+
+
 @dataclass
 class CpuSample:
-    """Aggregate CPU time counters from /proc/stat, in clock ticks."""
+    """CPU time counters from /proc/stat, in clock ticks: all CPUs, and each by number."""
 
     busy: int
     idle: int
     steal: int
+    by_cpu: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     @classmethod
     def now(cls) -> CpuSample:
+        by_cpu = {}
         with open("/proc/stat") as stat:
-            fields = [int(x) for x in stat.readline().split()[1:]]
-        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user]
-        fields += [0] * (8 - len(fields))
-        idle = fields[3] + fields[4]
-        steal = fields[7]
-        busy = sum(fields[:8]) - idle - steal
-        return cls(busy, idle, steal)
+            total = _split_ticks([int(x) for x in stat.readline().split()[1:]])
+            for line in stat:
+                name, *counters = line.split()
+                if not name.startswith("cpu"):
+                    break
+                by_cpu[name.removeprefix("cpu")] = _split_ticks([int(x) for x in counters])
+        return cls(*total, by_cpu)
 
-    def usage_since(self, start: CpuSample) -> dict[str, float]:
-        """Percent of all CPU time between ``start`` and now that was busy, idle or stolen."""
+    def usage_since(self, start: CpuSample) -> dict[str, Any]:
+        """Percent of all CPU time between ``start`` and now that was busy, idle or stolen,
+        and how busy each CPU was (``busy_pct_by_cpu``, by CPU number)."""
         busy, idle, steal = self.busy - start.busy, self.idle - start.idle, self.steal - start.steal
         total = max(busy + idle + steal, 1)
+        by_cpu = {}
+        for cpu, ticks in self.by_cpu.items():
+            was = start.by_cpu.get(cpu)
+            if was is not None:
+                spent = [now - then for now, then in zip(ticks, was, strict=True)]
+                by_cpu[cpu] = round(100 * spent[0] / max(sum(spent), 1), 1)
         return {
             "busy_pct": round(100 * busy / total, 1),
             "idle_pct": round(100 * idle / total, 1),
             "steal_pct": round(100 * steal / total, 1),
+            "busy_pct_by_cpu": by_cpu,
         }
 
 

@@ -590,10 +590,11 @@ def run_mode(args: argparse.Namespace, mode: str, root: Path) -> ModeRuns:
 
 
 def summarize_throughput(
-    runs: list[SystemRuns], not_applicable: dict[str, str]
+    runs: list[SystemRuns], not_applicable: dict[str, str], load_cpus: Sequence[str] = ()
 ) -> list[dict[str, Any]]:
     """Per system: median req/s, spread, ratio to direct, CPU µs per request (the proxy's;
-    the upstream's for direct), or why the configuration does not apply."""
+    the upstream's for direct), how busy the load generator's CPUs were when it was pinned
+    (``load_cpus``), or why the configuration does not apply."""
     direct = next((r for r in runs if r.name == DIRECT), None)
     baseline = direct.median("rps") if direct else None
     summaries = []
@@ -615,8 +616,31 @@ def summarize_throughput(
                 if run.cpu_us_per_req is not None
             ]
             s["cores_busy_median"] = round(statistics.median(busy), 2) if busy else None
+            load_busy = [share for run in r.runs if (share := _busy_share(run, load_cpus))]
+            s["load_cores_busy_median"] = (
+                round(statistics.median(load_busy), 2) if load_busy else None
+            )
         summaries.append(s)
     return summaries
+
+
+def _busy_share(run: load.LoadResult, cpus: Sequence[str]) -> float | None:
+    """How busy ``cpus`` were over the run, as a share of their time (None: not recorded)."""
+    by_cpu = run.cpu.get("busy_pct_by_cpu", {})
+    shares = [by_cpu.get(cpu) for cpu in cpus]
+    if not shares or None in shares:
+        return None
+    return sum(shares) / len(shares) / 100
+
+
+def cpu_list(spec: str | None) -> list[str]:
+    """The CPU numbers of a ``taskset -c`` list such as ``0``, ``0,2`` or ``0-3``."""
+    cpus: list[str] = []
+    for part in (spec or "").split(","):
+        first, _, last = part.partition("-")
+        if first:
+            cpus += [str(n) for n in range(int(first), int(last or first) + 1)]
+    return cpus
 
 
 def summarize_latency(runs: list[SystemRuns]) -> list[dict[str, Any]]:
@@ -624,7 +648,7 @@ def summarize_latency(runs: list[SystemRuns]) -> list[dict[str, Any]]:
     return report.latency_over(runs, DIRECT, "latency_us_added")
 
 
-def summarize_mode(runs: ModeRuns) -> dict[str, Any]:
+def summarize_mode(runs: ModeRuns, load_cpus: Sequence[str] = ()) -> dict[str, Any]:
     configs = {c.key: c for c in CONFIGS}
     return {
         "throughput": [
@@ -633,7 +657,9 @@ def summarize_mode(runs: ModeRuns) -> dict[str, Any]:
                 "label": configs[key].label,
                 "protocol": configs[key].protocol,
                 "path": configs[key].path,
-                "systems": summarize_throughput(list(by_name.values()), runs.not_applicable[key]),
+                "systems": summarize_throughput(
+                    list(by_name.values()), runs.not_applicable[key], load_cpus
+                ),
             }
             for key, by_name in runs.throughput.items()
         ],
@@ -650,7 +676,8 @@ def summarize_mode(runs: ModeRuns) -> dict[str, Any]:
 def throughput_table(blocks: list[dict[str, Any]]) -> str:
     header = (
         f"{'configuration':<15} {'system':<8} {'req/s median':>12} {'spread (min-max)':>19} "
-        f"{'vs direct':>9} {'p99 ms':>8} {'errors':>6} {'cpu µs/req':>10} {'cores':>5}"
+        f"{'vs direct':>9} {'p99 ms':>8} {'errors':>6} {'cpu µs/req':>10} {'cores':>5} "
+        f"{'load':>5}"
     )
     lines = [header, "-" * len(header)]
     for block in blocks:
@@ -664,15 +691,19 @@ def throughput_table(blocks: list[dict[str, Any]]) -> str:
                 cpu = _num(s["cpu_us_per_req_median"], ".1f")
                 cpu += "*" if s["cpu_of"] == "upstream" and cpu != "-" else ""
                 cores = _num(s.get("cores_busy_median"), ".2f")
+                load_busy = _num(s.get("load_cores_busy_median"), ".2f")
                 spread = f"{_rate(s['rps_min'])}-{_rate(s['rps_max'])}"
                 lines.append(
                     f"{start} {_rate(s['rps_median']):>12} {spread:>19} "
                     f"{_num(s['ratio_to_direct'], '.2f'):>9} "
-                    f"{_ms(s['latency_us_median']['p99']):>8} {s['errors']:>6} {cpu:>10} {cores:>5}"
+                    f"{_ms(s['latency_us_median']['p99']):>8} {s['errors']:>6} {cpu:>10} "
+                    f"{cores:>5} {load_busy:>5}"
                 )
     lines.append(
         "cpu µs/req: the proxy's own CPU time per request; * direct: the upstream's;"
-        " cores: how much of a core that CPU time kept busy (req/s x cpu µs/req)"
+        " cores: how much of a core that CPU time kept busy (req/s x cpu µs/req);"
+        " load: how busy the load generator's and upstream's core was (isolated mode), near"
+        " 1.00 it set the pace, not the proxy"
     )
     return "\n".join(lines)
 
@@ -903,10 +934,13 @@ def _cores_note(mode: str, systems: dict[str, dict[str, Any]]) -> str:
     held back by the load core, so the ratio is that core's ceiling, not the proxy's."""
     if mode != "isolated":
         return ""
-    busy = {name: systems.get(name, {}).get("cores_busy_median") for name in ("meshpy", *PEERS)}
-    if None in busy.values():
-        return ""
-    return "proxy core busy: " + ", ".join(f"{name} {share:.2f}" for name, share in busy.items())
+    notes = []
+    for what, key in (("proxy", "cores_busy_median"), ("load", "load_cores_busy_median")):
+        busy = {name: systems.get(name, {}).get(key) for name in ("meshpy", *PEERS)}
+        if None not in busy.values():
+            shares = ", ".join(f"{name} {share:.2f}" for name, share in busy.items())
+            notes.append(f"{what} core busy: {shares}")
+    return "; ".join(notes)
 
 
 def latency_check(mode: str, summary: dict[str, Any]) -> dict[str, Any]:
@@ -1158,7 +1192,8 @@ def run_parts(
         if {"throughput", "latency"} & set(args.parts):
             runs = in_workspace(args, lambda root, mode=mode: {"runs": run_mode(args, mode, root)})
             if "runs" in runs:
-                result["summary"] = summarize_mode(runs["runs"])
+                load_cpus = cpu_list(pinning(mode)["load"])
+                result["summary"] = summarize_mode(runs["runs"], load_cpus)
                 result["runs"] = {
                     "throughput": {
                         key: harness.runs_json(list(by.values()))

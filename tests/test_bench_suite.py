@@ -7,6 +7,7 @@ second each, so the whole file stays well under 20 s.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -149,7 +150,42 @@ def test_isolated_throughput_check_says_how_busy_each_proxy_core_was() -> None:
     systems[2]["cores_busy_median"] = 0.99
     check = suite.throughput_checks("isolated", summary)[0]
     assert check["note"] == "proxy core busy: meshpy 0.81, nginx 0.99, haproxy 0.99"
+    for system, load_busy in zip(systems, (1.0, 0.97, 0.8), strict=True):
+        system["load_cores_busy_median"] = load_busy
+    check = suite.throughput_checks("isolated", summary)[0]
+    assert check["note"].endswith("; load core busy: meshpy 1.00, nginx 0.97, haproxy 0.80")
     assert suite.throughput_checks("shared", summary)[0]["note"] == ""
+
+
+def with_cpus(result: load.LoadResult, **busy_pct: float) -> load.LoadResult:
+    by_cpu = {cpu.removeprefix("cpu"): pct for cpu, pct in busy_pct.items()}
+    result.cpu = {"busy_pct_by_cpu": by_cpu}
+    return result
+
+
+def test_the_load_cores_busy_share_is_the_median_over_rounds_of_their_mean() -> None:
+    rounds = [
+        with_cpus(wrk_result(50000, 10), cpu0=99.0, cpu1=60.0, cpu2=97.0),
+        with_cpus(wrk_result(50000, 10), cpu0=90.0, cpu1=70.0, cpu2=80.0),
+        with_cpus(wrk_result(50000, 10), cpu0=100.0, cpu1=50.0, cpu2=100.0),
+    ]
+    (pinned,) = suite.summarize_throughput([runs_of("meshpy", rounds)], {}, ["0", "2"])
+    assert pinned["load_cores_busy_median"] == 0.98  # rounds 0.98, 0.85, 1.00
+    (unpinned,) = suite.summarize_throughput([runs_of("meshpy", rounds)], {})
+    assert unpinned["load_cores_busy_median"] is None
+    table = suite.throughput_table([{"label": "HTTP/1.1 100 B", "systems": [pinned]}])
+    assert table.splitlines()[2].split()[-2:] == ["0.50", "0.98"]  # cores, load
+    assert suite.cpu_list("0-2,5") == ["0", "1", "2", "5"] and suite.cpu_list(None) == []
+
+
+def test_each_cpus_busy_share_is_read_from_proc_stat() -> None:
+    """A process spinning on CPU 0 for half a second shows as CPU 0 nearly all busy."""
+    start = load.CpuSample.now()
+    spin = "import time\nend = time.monotonic() + 0.5\nwhile time.monotonic() < end: pass"
+    subprocess.run(["taskset", "-c", "0", sys.executable, "-c", spin], check=True)
+    usage = load.CpuSample.now().usage_since(start)
+    assert set(usage["busy_pct_by_cpu"]) == {str(n) for n in range(os.cpu_count() or 1)}
+    assert usage["busy_pct_by_cpu"]["0"] >= 80
 
 
 def test_latency_rates_come_from_the_slowest_peer() -> None:
