@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import churn, filters, harness, load, memory, mesh, peers, report, suite
+from bench import churn, compare, filters, harness, load, memory, mesh, peers, report, suite
 from bench.harness import describe_meshpy, measure, start_service
 from bench.report import SystemRuns
 
@@ -30,7 +30,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "churn` new connections and TLS 1.3 handshakes (server certificate and mTLS) per "
         "second; `python -m bench suite` runs every scenario in interleaved rounds, in shared "
         "and isolated CPU modes, with medians, spreads, the performance targets as a checklist "
-        "and PNG charts (see `python -m bench suite --help`).",
+        "and PNG charts (see `python -m bench suite --help`); `python -m bench compare BEFORE.json "
+        "AFTER.json` compares two result files of the same kind.",
     )
     parser.add_argument(
         "--systems",
@@ -186,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         return memory.main(argv[1:])
     if argv[:1] == ["churn"]:
         return churn.main(argv[1:])
+    if argv[:1] == ["compare"]:
+        return compare.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
     harness.handle_signals()
