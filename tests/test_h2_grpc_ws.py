@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import socket
 import ssl
 import subprocess
+import time
 
 import grpc
 import httpx
@@ -29,6 +31,36 @@ def test_h2c_prior_knowledge(run_proxy, upstream):
     assert echo["body"] == "h2 body"
     assert ["x-h2", "yes"] in echo["headers"]
     assert r.headers.get_list("set-cookie") == ["a=1", "b=2"]
+
+
+def answer_without_date(conn: socket.socket) -> None:
+    """An HTTP/1.1 upstream whose answers carry no Date header."""
+    conn.settimeout(5)
+    pending = b""
+    while True:
+        while b"\r\n\r\n" not in pending:
+            data = conn.recv(65536)
+            if not data:
+                return
+            pending += data
+        pending = pending.split(b"\r\n\r\n", 1)[1]
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+
+def test_h2_responses_are_dated_like_http1_ones(run_proxy, tcp_server):
+    """RFC 9110 §6.6.1 over HTTP/2 too: a relayed response that came without a Date and the
+    proxy's own 404 both get the current one."""
+    backend = tcp_server(answer_without_date)
+    config = simple_config([backend.addr], cluster_extra={"protocol": "http1"})
+    config["listeners"][0]["routes"][0]["match"] = {"path_prefix": "/dated"}
+    proxy = run_proxy(config)
+    with client(http1=False, http2=True) as c:
+        relayed, own = c.get(proxy.url() + "/dated"), c.get(proxy.url() + "/nowhere")
+    assert (relayed.http_version, relayed.status_code, relayed.text) == ("HTTP/2", 200, "ok")
+    assert own.status_code == 404
+    for response in (relayed, own):
+        sent = email.utils.parsedate_to_datetime(response.headers["date"]).timestamp()
+        assert time.time() - 10 < sent <= time.time()
 
 
 def test_h2c_concurrent_streams_on_one_connection(run_proxy, upstream):
