@@ -616,7 +616,8 @@ def summarize_throughput(
                 if run.cpu_us_per_req is not None
             ]
             s["cores_busy_median"] = round(statistics.median(busy), 2) if busy else None
-            load_busy = [share for run in r.runs if (share := _busy_share(run, load_cpus))]
+            shares = (_busy_share(run, load_cpus) for run in r.runs)
+            load_busy = [share for share in shares if share is not None]
             s["load_cores_busy_median"] = (
                 round(statistics.median(load_busy), 2) if load_busy else None
             )

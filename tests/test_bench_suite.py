@@ -171,6 +171,9 @@ def test_the_load_cores_busy_share_is_the_median_over_rounds_of_their_mean() -> 
     ]
     (pinned,) = suite.summarize_throughput([runs_of("meshpy", rounds)], {}, ["0", "2"])
     assert pinned["load_cores_busy_median"] == 0.98  # rounds 0.98, 0.85, 1.00
+    idle = [with_cpus(wrk_result(50000, 10), cpu0=0.0, cpu1=0.0) for _ in range(3)]
+    (idle_load,) = suite.summarize_throughput([runs_of("meshpy", idle)], {}, ["0"])
+    assert idle_load["load_cores_busy_median"] == 0.0  # an idle core is a share, not "unknown"
     (unpinned,) = suite.summarize_throughput([runs_of("meshpy", rounds)], {})
     assert unpinned["load_cores_busy_median"] is None
     table = suite.throughput_table([{"label": "HTTP/1.1 100 B", "systems": [pinned]}])
