@@ -12,7 +12,7 @@ import time
 import grpc
 import httpx
 import pytest
-from helpers import client, simple_config
+from helpers import client, cluster, config, http_listener, simple_config
 from servers import GRPC_SERVICE
 from websockets.sync.client import connect as ws_connect
 
@@ -51,9 +51,9 @@ def test_h2_responses_are_dated_like_http1_ones(run_proxy, tcp_server):
     """RFC 9110 §6.6.1 over HTTP/2 too: a relayed response that came without a Date and the
     proxy's own 404 both get the current one."""
     backend = tcp_server(answer_without_date)
-    config = simple_config([backend.addr], cluster_extra={"protocol": "http1"})
-    config["listeners"][0]["routes"][0]["match"] = {"path_prefix": "/dated"}
-    proxy = run_proxy(config)
+    route = {"name": "dated", "match": {"path_prefix": "/dated"}, "cluster": "backend"}
+    backend_cluster = cluster("backend", [backend.addr], protocol="http1")
+    proxy = run_proxy(config([http_listener([route])], [backend_cluster]))
     with client(http1=False, http2=True) as c:
         relayed, own = c.get(proxy.url() + "/dated"), c.get(proxy.url() + "/nowhere")
     assert (relayed.http_version, relayed.status_code, relayed.text) == ("HTTP/2", 200, "ok")

@@ -12,12 +12,13 @@ const DATE_LEN: usize = 29;
 /// The formatted date of the current second, per worker thread: formatting it for every
 /// response would cost more than the rest of a header.
 struct CachedDate {
-    second: u64,
+    /// None until the first response; then the second `text` shows.
+    second: Option<u64>,
     text: [u8; DATE_LEN],
 }
 
 thread_local! {
-    static CACHED: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: 0, text: [0; DATE_LEN] }) };
+    static CACHED: RefCell<CachedDate> = const { RefCell::new(CachedDate { second: None, text: [0; DATE_LEN] }) };
 }
 
 /// Appends `date: <now>\r\n` to a response head.
@@ -25,10 +26,10 @@ pub(crate) fn push_date(out: &mut Vec<u8>) {
     let now = SystemTime::now();
     let second = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     CACHED.with_borrow_mut(|cached| {
-        if cached.second != second {
+        if cached.second != Some(second) {
             let mut text = &mut cached.text[..];
             let _ = write!(text, "{}", httpdate::HttpDate::from(now));
-            cached.second = second;
+            cached.second = Some(second);
         }
         out.extend_from_slice(b"date: ");
         out.extend_from_slice(&cached.text);
