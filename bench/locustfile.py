@@ -5,7 +5,7 @@ mostly loads the index and product pages, sometimes adds to its cart and now and
 out; one checkout in twenty uses a card that gets declined (402), which is the expected answer
 there and counted as a success under its own name.
 
-Run headless (locust is not a dependency of meshpy: ``pip install locust``)::
+Run headless (locust comes with ``pip install 'meshpy[load]'``)::
 
     locust -f bench/locustfile.py --headless -u 200 -r 50 -t 60s --host http://127.0.0.1:PORT
 
