@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import subprocess
@@ -485,6 +486,31 @@ def test_the_control_plane_renews_its_own_certificate_while_it_runs() -> None:
         with cp.admin_http() as admin:
             assert admin.get("/v1/endpoints").status_code == 200
         assert "renewed the control plane's certificate" in cp.stderr_path.read_text()
+
+
+def test_a_failed_renewal_of_the_control_planes_certificate_is_tried_again() -> None:
+    """A renewal that cannot write its files is logged, and tried again until it can, before
+    the certificate in use expires."""
+    with ControlPlaneProcess("--server-cert-ttl", "6s") as cp:
+        first = served_certificate(cp)
+        # The next renewal's files cannot replace a directory where one of them goes.
+        blocked = cp.data_dir / "tls" / "bundle.pem"
+        blocked.unlink()
+        blocked.mkdir()
+        (blocked / "keep").write_text("a non-empty directory cannot be renamed over")
+        renew_at = first.not_valid_after_utc - timedelta(seconds=2)  # two thirds of 6 s in
+        time.sleep(max((renew_at - datetime.now(UTC)).total_seconds(), 0) + 0.5)
+        assert "cannot renew the control plane's certificate" in cp.stderr_path.read_text()
+        assert served_certificate(cp).serial_number == first.serial_number
+        shutil.rmtree(blocked)
+        deadline = time.monotonic() + 5
+        while "renewed the control plane's certificate" not in cp.stderr_path.read_text():
+            assert time.monotonic() < deadline, "no renewal after the files could be written"
+            time.sleep(0.1)
+        assert datetime.now(UTC) < first.not_valid_after_utc, "renewed only after expiry"
+        later = served_certificate(cp)
+        assert later.serial_number != first.serial_number
+        assert later.not_valid_after_utc > first.not_valid_after_utc
 
 
 def test_config_watch_answers_within_a_second_of_a_change(

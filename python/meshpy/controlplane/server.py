@@ -26,7 +26,8 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 SERVER_SERVICE = "control-plane"
 SERVER_NAMESPACE = "meshpy-system"
 SERVER_CERT_TTL = 30 * 24 * 3600.0  # renewed at two thirds of it while the server runs
-# A renewal that failed (the CA unreadable, a full disk) is tried again this often.
+# A renewal that failed (the CA unreadable, a full disk) is tried again this often, or
+# after a twentieth of the lifetime when that is sooner: several tries before it expires.
 RENEW_RETRY = 60.0
 
 
@@ -193,7 +194,8 @@ class _RenewingServer(uvicorn.Server):
                 context.load_cert_chain(files["cert.pem"], files["key.pem"])
             except (CAError, OSError) as exc:
                 log.error("cannot renew the control plane's certificate: %s", exc)
-                await asyncio.sleep(RENEW_RETRY)
+                lifetime = self._current.lifetime.total_seconds()
+                await asyncio.sleep(min(RENEW_RETRY, lifetime / 20))
                 continue
             self._current = issued
             log.info(
