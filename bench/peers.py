@@ -388,6 +388,12 @@ def upstream_nginx(workdir: Path, cpus: str | None = None) -> Service:
     return Service("upstream", port, _nginx_argv(workdir, cpus), workdir)
 
 
+# What meshpy adds to every request it forwards, and so nginx and HAProxy add too, for the
+# same work per request: X-Forwarded-For, Forwarded, X-Forwarded-Proto, and an X-Request-ID
+# unless the client sent one.
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-forwarded-proto", "x-request-id")
+
+
 def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
     workdir.mkdir(parents=True)
     port = free_port()
@@ -395,6 +401,10 @@ def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | Non
         _nginx_main(workdir, threads)
         + "http {\n"
         + _nginx_http_common(workdir)
+        + "    map $http_x_request_id $mesh_request_id {\n"
+        + "        default $http_x_request_id;\n"
+        + '        "" $request_id;\n'
+        + "    }\n"
         + "    upstream origin {\n"
         + f"        server {HOST}:{upstream_port};\n"
         + "        keepalive 64;\n"
@@ -407,6 +417,10 @@ def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | Non
         + "            proxy_pass http://origin;\n"
         + "            proxy_http_version 1.1;\n"
         + '            proxy_set_header Connection "";\n'
+        + "            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;\n"
+        + '            proxy_set_header Forwarded "for=$remote_addr;proto=$scheme";\n'
+        + "            proxy_set_header X-Forwarded-Proto $scheme;\n"
+        + "            proxy_set_header X-Request-ID $mesh_request_id;\n"
         + "        }\n"
         + "    }\n"
         + "}\n"
@@ -437,6 +451,11 @@ def haproxy_proxy(
         "    default_backend origin\n"
         "backend origin\n"
         "    http-reuse always\n"
+        "    option forwardfor\n"
+        '    http-request set-header Forwarded "for=%[src];proto=http"\n'
+        "    http-request set-header X-Forwarded-Proto http\n"
+        "    http-request set-header X-Request-ID %[uuid]"
+        " unless { req.hdr(x-request-id) -m found }\n"
         f"    server origin {HOST}:{upstream_port}\n"
     )
     config = workdir / "haproxy.cfg"
