@@ -26,7 +26,7 @@ LARGE_SIZE = 64 * 1024
 
 # Executable -> Debian package that provides it.
 TOOLS: dict[str, str] = {
-    "nginx": "nginx-light",
+    "nginx": "nginx",
     "haproxy": "haproxy",
     "wrk": "wrk",
     "h2load": "nghttp2-client",
@@ -388,12 +388,9 @@ def upstream_nginx(workdir: Path, cpus: str | None = None) -> Service:
     return Service("upstream", port, _nginx_argv(workdir, cpus), workdir)
 
 
-# What meshpy adds to every request it forwards, and so nginx and HAProxy add too, for the
-# same work per request: X-Forwarded-For, Forwarded, X-Forwarded-Proto, and an X-Request-ID
-# unless the client sent one.
-FORWARDING_HEADERS = ("x-forwarded-for", "forwarded", "x-forwarded-proto", "x-request-id")
-
-
+# nginx and HAProxy add the request headers meshpy adds to every request it forwards, for
+# the same work per request: X-Forwarded-For, Forwarded, X-Forwarded-Proto, and an
+# X-Request-ID unless the client sent one.
 def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
     workdir.mkdir(parents=True)
     port = free_port()
