@@ -504,17 +504,34 @@ def test_filters_added_by_a_reload_are_watched_too(start, upstream):
     assert_blocked_filter_thread_is_replaced(proxy)
 
 
-def test_a_sidecar_loads_the_filter_runtime_only_once_a_filter_is_configured(start, upstream):
+# A filter module that imports nothing but meshpy, so asyncio in the process is the runtime's.
+PLAIN_FILTERS = """
+import meshpy
+
+
+class NeedsTenant(meshpy.Filter):
+    def on_request(self, req):
+        if "x-tenant" not in req.headers:
+            return meshpy.Response(403, b"missing tenant\\n")
+"""
+
+
+def test_a_sidecar_loads_the_filter_runtime_only_once_a_filter_is_configured(run_proxy, upstream):
     """Without filters there is no filter thread and no asyncio in the process (with the ssl
     module it imports, 2.5 MB of an idle sidecar's RSS); the first reload that configures a
     filter starts them, and the filter runs."""
-    proxy = start([])
+    proxy = run_proxy(
+        filtered_config([], [upstream.addr]),
+        "--workers",
+        "1",
+        files={"plainfilters.py": PLAIN_FILTERS},
+    )
     with client() as c:
         assert c.get(proxy.url() + "/t", headers={"x-tenant": "a"}).status_code == 200
     assert not loaded_extensions(proxy.pid) & {"_asyncio", "_ssl"}
     threads = len(list(Path(f"/proc/{proxy.pid}/task").iterdir()))
 
-    proxy.reload(filtered_config([route("/t", ["testfilters:Tenant"])], [upstream.addr]))
+    proxy.reload(filtered_config([route("/t", ["plainfilters:NeedsTenant"])], [upstream.addr]))
     with client() as c:
         assert c.get(proxy.url() + "/t").status_code == 403  # no x-tenant: the filter refuses
         assert c.get(proxy.url() + "/t", headers={"x-tenant": "a"}).status_code == 200
