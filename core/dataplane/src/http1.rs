@@ -12,14 +12,17 @@
 //! 431, slow headers, smuggling) still applies.
 
 use std::io::{self, Write as _};
+use std::mem::MaybeUninit;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::header::{CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::access_log::Entry;
 use crate::balance::InFlight;
@@ -44,8 +47,10 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// How much a client may pipeline while a request is upstream before the proxy stops
 /// reading from it (and so stops noticing that it closed) until the response is out.
 const MAX_PIPELINED_BYTES: usize = 64 * 1024;
-/// Spare room made before each downstream read; small, since idle connections keep it.
+/// Spare room made before each downstream read.
 const READ_RESERVE: usize = 4 * 1024;
+/// Room made for the request as it goes upstream, and for the response head.
+const WRITE_RESERVE: usize = 512;
 /// The upstream read buffer of one exchange, sized for relaying larger bodies.
 const RELAY_BUFFER: usize = 32 * 1024;
 
@@ -74,7 +79,8 @@ where
 {
     let mut read = BytesMut::with_capacity(READ_RESERVE);
     if serve_fast(&mut io, &mut read, &ctx).await == Next::Hyper {
-        serve_hyper(Rewind::new(io, read.freeze()), false, server, ctx).await;
+        // Boxed: the connection's future would otherwise hold hyper's states from the start.
+        Box::pin(serve_hyper(Rewind::new(io, read.freeze()), false, server, ctx)).await;
     }
 }
 
@@ -84,7 +90,7 @@ async fn serve_fast<T>(io: &mut MeteredIo<T>, read: &mut BytesMut, ctx: &ConnCtx
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut buffers = Buffers { read, request: Vec::with_capacity(512), response: Vec::with_capacity(512) };
+    let mut buffers = Buffers { read, request: Vec::new(), response: Vec::new() };
     // One future for the connection's life rather than a timer per request.
     let mut idle_or_drained =
         std::pin::pin!(idle_or_drained(&ctx.shared.drain, &ctx.state, ctx.accepted.idle_timeout));
@@ -94,7 +100,7 @@ where
                 return Next::Close;
             }
             tokio::select! {
-                read = read_more(io, buffers.read) => match read {
+                read = read_next_request(io, &mut buffers) => match read {
                     Ok(n) if n > 0 => {}
                     _ => return Next::Close,
                 },
@@ -148,6 +154,31 @@ async fn client_gone<R: AsyncRead + Unpin>(from: &mut R, read: &mut BytesMut) {
     std::future::pending().await
 }
 
+/// Reads the first bytes of the connection's next request into the empty read buffer,
+/// through the stack: while the client has sent nothing the buffers are let go, so an
+/// idle keep-alive connection holds none.
+async fn read_next_request<R: AsyncRead + Unpin>(
+    from: &mut R,
+    buffers: &mut Buffers<'_>,
+) -> io::Result<usize> {
+    std::future::poll_fn(|cx| {
+        let mut chunk = [MaybeUninit::<u8>::uninit(); READ_RESERVE];
+        let mut chunk = ReadBuf::uninit(&mut chunk);
+        if Pin::new(&mut *from).poll_read(cx, &mut chunk)?.is_pending() {
+            *buffers.read = BytesMut::new();
+            buffers.request = Vec::new();
+            buffers.response = Vec::new();
+            return Poll::Pending;
+        }
+        buffers.read.reserve(READ_RESERVE);
+        buffers.read.extend_from_slice(chunk.filled());
+        buffers.request.reserve(WRITE_RESERVE);
+        buffers.response.reserve(WRITE_RESERVE);
+        Poll::Ready(Ok(chunk.filled().len()))
+    })
+    .await
+}
+
 async fn read_more<R: AsyncRead + Unpin>(from: &mut R, buf: &mut BytesMut) -> io::Result<usize> {
     if buf.capacity() - buf.len() < READ_RESERVE / 4 {
         buf.reserve(READ_RESERVE);
@@ -186,7 +217,10 @@ where
     };
     plan.route.metrics.request();
     let answered = match filtered {
-        Some((head, body_start)) => filter(io, buffers, ctx, &mut plan, *head, body_start, started).await,
+        // Boxed, so routes without filters do not carry the filter call's states.
+        Some((head, body_start)) => {
+            Box::pin(filter(io, buffers, ctx, &mut plan, *head, body_start, started)).await
+        }
         None => None,
     };
     buffers.read.advance(plan.consumed);

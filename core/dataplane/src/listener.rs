@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use tokio_rustls::server::TlsStream;
 
 use crate::admin;
+use crate::cluster::Cluster;
 use crate::config::MtlsMode;
 use crate::executor::spawn_boxed;
 use crate::http1;
@@ -41,7 +42,6 @@ pub async fn accept_loop(
                 Ok((stream, peer)) => {
                     let shared = shared.clone();
                     let key = key.clone();
-                    // About 12 KB: every listener kind's states.
                     spawn_boxed(serve_connection(stream, peer, key, shared));
                 }
                 Err(e) => {
@@ -60,77 +60,108 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, key: Arc<str>, sh
     let state = ConnState::new(listener.metrics.clone());
     // Admin connections carry no traffic: draining does not wait for them.
     let _guard = (!matches!(listener.kind, Kind::Admin)).then(|| shared.drain.guard());
+    // Every connection's task holds this future for as long as it is open, idle or not,
+    // sized by its largest state. Plaintext HTTP, the common case, is served inline and
+    // every other kind boxed, so a plaintext connection carries none of their states.
     match &listener.kind {
-        Kind::Tcp { cluster } => match &listener.mtls {
-            None => {
-                if tcp_allowed(&listener, None, peer) {
-                    tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
-                }
-            }
-            Some(mtls) => {
-                let Some(inbound) = accept_mtls(stream, peer, &listener, mtls).await else { return };
-                let caller = match &inbound {
-                    Inbound::Plain(_) => None,
-                    Inbound::Mesh(_, id) => Some(&**id),
-                };
-                shared
-                    .registry
-                    .inbound(&listener.name, caller.unwrap_or_default())
-                    .connections
-                    .fetch_add(1, Relaxed);
-                // Denied: the connection is dropped, so closed, before anything is forwarded.
-                if !tcp_allowed(&listener, caller, peer) {
-                    return;
-                }
-                match inbound {
-                    Inbound::Plain(stream) => {
-                        tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
-                    }
-                    Inbound::Mesh(tls, _) => tcp_proxy::forward(MeteredIo::new(tls, state), cluster).await,
-                }
-            }
-        },
-        Kind::Admin => {
-            let io = TokioIo::new(MeteredIo::new(stream, state));
-            let admin_shared = shared.clone();
-            let service = service_fn(move |req| admin::handle(admin_shared.clone(), req));
-            // While draining, each admin request gets its answer on a connection of its own.
-            let keep_alive = !shared.drain.is_draining();
-            let _ = hyper::server::conn::http1::Builder::new()
-                .keep_alive(keep_alive)
-                .serve_connection(io, service)
-                .await;
+        Kind::Http { server, .. } if listener.tls.is_none() && listener.mtls.is_none() => {
+            serve_plaintext_http(stream, peer, key, &shared, &listener, server, state).await
         }
         Kind::Http { server, .. } => {
-            let stream = match (&listener.tls, &listener.mtls) {
-                (Some(acceptor), _) => {
-                    let handshake =
-                        tokio::time::timeout(listener.header_read_timeout, acceptor.accept(stream));
-                    let tls = match handshake.await {
-                        Ok(Ok(tls)) => tls,
-                        Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                    };
-                    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                    let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone(), None);
-                    return serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
-                }
-                (None, Some(mtls)) => match accept_mtls(stream, peer, &listener, mtls).await {
-                    None => return,
-                    Some(Inbound::Plain(stream)) => stream,
-                    Some(Inbound::Mesh(tls, id)) => {
-                        let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-                        let ctx = conn_ctx(&shared, key, &listener, peer, true, state.clone(), Some(id));
-                        return serve_http(MeteredIo::new(tls, state.clone()), http2, server, ctx).await;
-                    }
-                },
-                (None, None) => stream,
-            };
-            let Some(http2) = detect_http2(&stream, listener.header_read_timeout).await else { return };
-            let ctx = conn_ctx(&shared, key, &listener, peer, false, state.clone(), None);
-            serve_http(MeteredIo::new(stream, state.clone()), http2, server, ctx).await;
+            Box::pin(serve_secure_http(stream, peer, key, &shared, &listener, server, state)).await
         }
+        Kind::Tcp { cluster } => Box::pin(serve_tcp(stream, peer, &shared, &listener, cluster, state)).await,
+        Kind::Admin => Box::pin(serve_admin(stream, shared.clone(), state)).await,
     }
+}
+
+async fn serve_plaintext_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    key: Arc<str>,
+    shared: &Arc<Shared>,
+    listener: &Arc<Listener>,
+    server: &HttpServer,
+    state: Arc<ConnState>,
+) {
+    let Some(http2) = detect_http2(&stream, listener.header_read_timeout).await else { return };
+    let ctx = conn_ctx(shared, key, listener, peer, false, state.clone(), None);
+    serve_http(MeteredIo::new(stream, state), http2, server, ctx).await;
+}
+
+/// An HTTP listener with TLS, or with mTLS (whose permissive mode also admits plaintext).
+async fn serve_secure_http(
+    stream: TcpStream,
+    peer: SocketAddr,
+    key: Arc<str>,
+    shared: &Arc<Shared>,
+    listener: &Arc<Listener>,
+    server: &HttpServer,
+    state: Arc<ConnState>,
+) {
+    let stream = match (&listener.tls, &listener.mtls) {
+        (Some(acceptor), _) => {
+            let handshake = tokio::time::timeout(listener.header_read_timeout, acceptor.accept(stream));
+            let tls = match handshake.await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+            };
+            let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let ctx = conn_ctx(shared, key, listener, peer, true, state.clone(), None);
+            return serve_http(MeteredIo::new(tls, state), http2, server, ctx).await;
+        }
+        (None, Some(mtls)) => match accept_mtls(stream, peer, listener, mtls).await {
+            None => return,
+            Some(Inbound::Plain(stream)) => stream,
+            Some(Inbound::Mesh(tls, id)) => {
+                let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+                let ctx = conn_ctx(shared, key, listener, peer, true, state.clone(), Some(id));
+                return serve_http(MeteredIo::new(tls, state), http2, server, ctx).await;
+            }
+        },
+        (None, None) => stream,
+    };
+    serve_plaintext_http(stream, peer, key, shared, listener, server, state).await
+}
+
+async fn serve_tcp(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: &Shared,
+    listener: &Listener,
+    cluster: &Cluster,
+    state: Arc<ConnState>,
+) {
+    let Some(mtls) = &listener.mtls else {
+        if tcp_allowed(listener, None, peer) {
+            tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await
+        }
+        return;
+    };
+    let Some(inbound) = accept_mtls(stream, peer, listener, mtls).await else { return };
+    let caller = match &inbound {
+        Inbound::Plain(_) => None,
+        Inbound::Mesh(_, id) => Some(&**id),
+    };
+    shared.registry.inbound(&listener.name, caller.unwrap_or_default()).connections.fetch_add(1, Relaxed);
+    // Denied: the connection is dropped, so closed, before anything is forwarded.
+    if !tcp_allowed(listener, caller, peer) {
+        return;
+    }
+    match inbound {
+        Inbound::Plain(stream) => tcp_proxy::forward(MeteredIo::new(stream, state), cluster).await,
+        Inbound::Mesh(tls, _) => tcp_proxy::forward(MeteredIo::new(tls, state), cluster).await,
+    }
+}
+
+async fn serve_admin(stream: TcpStream, shared: Arc<Shared>, state: Arc<ConnState>) {
+    let io = TokioIo::new(MeteredIo::new(stream, state));
+    // While draining, each admin request gets its answer on a connection of its own.
+    let keep_alive = !shared.drain.is_draining();
+    let service = service_fn(move |req| admin::handle(shared.clone(), req));
+    let _ =
+        hyper::server::conn::http1::Builder::new().keep_alive(keep_alive).serve_connection(io, service).await;
 }
 
 /// A connection accepted by an mTLS listener: plaintext (permissive only), or mutual
@@ -243,7 +274,8 @@ where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if http2 {
-        serve_hyper(io, true, server, ctx).await
+        // Boxed, as its states are larger than the HTTP/1 fast path's (see serve_connection).
+        Box::pin(serve_hyper(io, true, server, ctx)).await
     } else {
         http1::serve(io, server, ctx).await
     }

@@ -3,6 +3,7 @@
 //! plain TCP connections the HTTP/1.1 fast path writes to directly.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::Ordering::Relaxed;
@@ -264,13 +265,17 @@ impl EndpointPool {
     }
 
     /// A new fast-path connection (mTLS for `tls: mesh`) within the connect timeout.
-    pub async fn connect_raw(&self) -> Result<RawConn, String> {
-        let stream = self.connect_tcp().await?;
-        let stream = match self.mesh.load_full() {
-            None => Upstream::Plain(stream),
-            Some(mesh) => Upstream::Mesh(Box::new(self.handshake(&mesh, stream, Carrying::Http1).await?)),
-        };
-        Ok(RawConn { stream, _open: self.open_connection() })
+    /// Boxed: a connect and its handshake take kilobytes of states, which would otherwise
+    /// sit in the future of every downstream connection, open or idle.
+    pub fn connect_raw(&self) -> Pin<Box<dyn Future<Output = Result<RawConn, String>> + Send + '_>> {
+        Box::pin(async move {
+            let stream = self.connect_tcp().await?;
+            let stream = match self.mesh.load_full() {
+                None => Upstream::Plain(stream),
+                Some(mesh) => Upstream::Mesh(Box::new(self.handshake(&mesh, stream, Carrying::Http1).await?)),
+            };
+            Ok(RawConn { stream, _open: self.open_connection() })
+        })
     }
 
     /// Opens a TCP connection to the endpoint within the connect timeout, counting
