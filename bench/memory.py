@@ -14,6 +14,12 @@ what a user of the sidecar pays). Measured, in this order, on the same process:
   a later allocation or trim, so a low "released" share means "not yet", not necessarily "never":
   the RSS under load, measured next on the same process, shows whether it came back later;
 - RSS under sustained load: wrk keep-alive at saturation, sampled every 0.5 s;
+- RSS growth per 1,000 idle mutual-TLS connections, on a second instance of the proxy whose
+  listener serves TLS 1.3 and requires a client certificate (meshpy: ``mtls: strict`` with a
+  workload identity; nginx: ``ssl_verify_client on``; HAProxy: ``verify required``, each with
+  the same certificate from a CA made for the run): ``--mtls-connections`` connections, each
+  completing one GET with a client certificate and then left idle. It is what a sidecar's
+  inbound listener holds for the pooled connections of the sidecars that call it;
 - for ``--soak-systems`` only: a soak of ``--soak`` seconds at a fixed ``--soak-rate`` (h2load),
   sampled every ``--soak-interval`` seconds. The soak is *flat* when the least-squares slope of
   RSS over time is below 1% of the median RSS per 10 minutes: about 0.4 MB per 10 minutes for a
@@ -35,6 +41,7 @@ import contextlib
 import resource
 import shlex
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -45,7 +52,7 @@ from typing import Any
 
 import psutil
 
-from bench import harness, load, peers, report
+from bench import harness, load, mesh, peers, report
 
 SYSTEMS = ("meshpy", "nginx", "haproxy")
 TARGET_IDLE_MB = 40.0  # idle sidecar RSS, Python included
@@ -79,6 +86,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=5000,
         help="idle keep-alive connections held open at once (default 5000)",
+    )
+    parser.add_argument(
+        "--mtls-connections",
+        type=int,
+        default=2000,
+        help="idle mutual-TLS connections held open at once (default 2000; 0 skips them)",
     )
     parser.add_argument(
         "--duration", type=float, default=10.0, help="seconds of wrk load (default 10)"
@@ -115,6 +128,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     harness.require_positive_counts(
         parser, args, ("threads", "idle_connections", "connections", "soak_connections")
     )
+    if args.mtls_connections < 0:
+        parser.error("--mtls-connections must be 0 or more")
     if args.duration <= 0 or args.soak < 0 or args.soak_rate <= 0 or args.soak_interval <= 0:
         parser.error("--duration, --soak-rate, --soak-interval must be positive; --soak >= 0")
     args.names = harness.select_systems(parser, args.systems, SYSTEMS)
@@ -252,8 +267,11 @@ def read_response(sock: socket.socket) -> int:
     return int(lines[0].split()[1])
 
 
-def open_idle_connections(port: int, count: int) -> list[socket.socket]:
-    """``count`` keep-alive connections, each having completed one GET, left open and idle."""
+def open_idle_connections(
+    port: int, count: int, tls: ssl.SSLContext | None = None
+) -> list[socket.socket]:
+    """``count`` keep-alive connections, each having completed one GET, left open and idle;
+    over TLS with ``tls``."""
     request = f"GET / HTTP/1.1\r\nHost: {peers.HOST}\r\n\r\n".encode()
     opened: list[socket.socket] = []
     try:
@@ -261,6 +279,12 @@ def open_idle_connections(port: int, count: int) -> list[socket.socket]:
             batch = []
             for _ in range(min(CONNECT_BATCH, count - len(opened))):
                 sock = socket.create_connection((peers.HOST, port), timeout=30)
+                if tls is not None:
+                    try:
+                        sock = tls.wrap_socket(sock)
+                    except (OSError, ssl.SSLError):
+                        sock.close()
+                        raise
                 opened.append(sock)
                 batch.append(sock)
                 sock.sendall(request)
@@ -279,10 +303,12 @@ def close_all(sockets: Sequence[socket.socket]) -> None:
         sock.close()
 
 
-def measure_idle_connections(pid: int, port: int, count: int) -> dict[str, Any]:
+def measure_idle_connections(
+    pid: int, port: int, count: int, tls: ssl.SSLContext | None = None
+) -> dict[str, Any]:
     """RSS before, with ``count`` idle keep-alive connections open, and after closing them."""
     before = settled_rss_kb(pid)
-    sockets = open_idle_connections(port, count)
+    sockets = open_idle_connections(port, count, tls)
     try:
         held = settled_rss_kb(pid)
     finally:
@@ -298,6 +324,50 @@ def measure_idle_connections(pid: int, port: int, count: int) -> dict[str, Any]:
         "kb_per_connection": round(growth / count, 2),
         "released_pct": round(100 * (held - after_close) / growth, 1) if growth > 0 else None,
     }
+
+
+def client_tls(client: peers.Creds, trusted: Path) -> ssl.SSLContext:
+    """TLS 1.3 presenting ``client``'s certificate and trusting ``trusted``'s CAs. Workload
+    certificates name a SPIFFE ID, not a host, so the chain is checked and not the name."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.load_verify_locations(str(trusted))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    return context
+
+
+def mtls_proxy_service(
+    name: str, root: Path, upstream_port: int, args: argparse.Namespace, server: peers.Creds
+) -> peers.Service:
+    """The proxy ``name`` with a listener requiring a client certificate, serving ``server``."""
+    workdir = root / f"{name}-mtls"
+    if name == "meshpy":
+        return mesh.sidecar(
+            name, workdir, upstream_port, args.threads, args.pin_proxy, server, inbound_mtls=True
+        )
+    if name == "haproxy":
+        maxconn = args.mtls_connections + SPARE_FILES
+        return peers.haproxy_proxy(
+            workdir, upstream_port, args.threads, args.pin_proxy, maxconn, server
+        )
+    return peers.nginx_proxy(workdir, upstream_port, args.threads, args.pin_proxy, server)
+
+
+def measure_mtls_connections(
+    name: str, args: argparse.Namespace, root: Path, upstream: peers.Service
+) -> dict[str, Any]:
+    """RSS growth per idle mutual-TLS connection of a fresh instance of ``name``."""
+    creds = mesh.issue_certificates(root / f"pki-{name}")
+    service = mtls_proxy_service(name, root, upstream.port, args, creds["b"])
+    tls = client_tls(creds["a"], creds["b"].bundle)
+    with contextlib.ExitStack() as stack:
+        stack.callback(service.stop)
+        service.start()
+        assert service.proc is not None
+        # Its first connection, as the readiness check: the handshake and one GET.
+        close_all(open_idle_connections(service.port, 1, tls))
+        return measure_idle_connections(service.proc.pid, service.port, args.mtls_connections, tls)
 
 
 # --------------------------------------------------------------------------- load and soak
@@ -407,6 +477,10 @@ def measure_system(
         ]
         if args.soak and name in args.soak_names:
             phases.append(("soak", lambda: measure_soak(service, url, args, root)))
+        if args.mtls_connections:
+            phases.append(
+                ("mtls_connections", lambda: measure_mtls_connections(name, args, root, upstream))
+            )
         for phase, run in phases:
             if service.proc.poll() is not None:
                 result["failures"].append(f"{phase}: exited with code {service.proc.returncode}")
@@ -428,6 +502,11 @@ def phase_line(phase: str, figures: dict[str, Any]) -> str:
             f"{figures['connections']} idle connections: +{figures['kb_per_1000']:,.0f} KB per "
             f"1,000 ({figures['kb_per_connection']} KB each), released after close "
             f"{_pct(figures['released_pct'])}"
+        )
+    if phase == "mtls_connections":
+        return (
+            f"{figures['connections']} idle mutual-TLS connections (another instance): "
+            f"+{figures['kb_per_1000']:,.0f} KB per 1,000 ({figures['kb_per_connection']} KB each)"
         )
     if phase == "load":
         return (
@@ -460,7 +539,7 @@ def _pct(value: float | None) -> str:
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Every system in turn against one upstream, plus the interpreter baselines."""
-    raise_open_files_limit(args.idle_connections + SPARE_FILES)
+    raise_open_files_limit(max(args.idle_connections, args.mtls_connections) + SPARE_FILES)
     baselines = {
         "python_kb": python_rss_kb("pass"),
         "python_import_sidecar_kb": python_rss_kb(SIDECAR_IMPORTS),
@@ -507,7 +586,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def table(systems: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<8} {'idle MB':>8} {'KB/1k idle conns':>16} {'KB/conn':>8} "
-        f"{'released':>8} {'load median MB':>14} {'load max MB':>11} {'load req/s':>10}"
+        f"{'released':>8} {'KB/mTLS conn':>12} {'load median MB':>14} {'load max MB':>11} "
+        f"{'load req/s':>10}"
     )
     lines = [header, "-" * len(header)]
     for s in systems:
@@ -515,11 +595,14 @@ def table(systems: list[dict[str, Any]]) -> str:
             lines.append(f"{s['system']:<8} failed: {'; '.join(s['failures'])[:80]}")
             continue
         conns, under = s.get("idle_connections", {}), s.get("load", {})
+        mtls = s.get("mtls_connections", {})
         lines.append(
             f"{s['system']:<8} {_mb(s['idle_rss_kb']):>8} "
             f"{report._num(conns.get('kb_per_1000'), ',.0f'):>16} "
             f"{report._num(conns.get('kb_per_connection'), '.2f'):>8} "
-            f"{_pct(conns.get('released_pct')):>8} {_mb(under.get('rss_kb_median')):>14} "
+            f"{_pct(conns.get('released_pct')):>8} "
+            f"{report._num(mtls.get('kb_per_connection'), '.2f'):>12} "
+            f"{_mb(under.get('rss_kb_median')):>14} "
             f"{_mb(under.get('rss_kb_max')):>11} {report._rate(under.get('rps')):>10}"
         )
     return "\n".join(lines)
@@ -530,7 +613,9 @@ def summary_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str
     lines = [
         f"RSS summed over each process tree; {args.idle_connections} idle keep-alive connections "
         "(one GET each); released: share of their growth gone 1 s after closing them; load: "
-        f"wrk -c{args.connections} keep-alive for {args.duration:g} s, RSS every 0.5 s.",
+        f"wrk -c{args.connections} keep-alive for {args.duration:g} s, RSS every 0.5 s; "
+        f"KB/mTLS conn: {args.mtls_connections} idle TLS 1.3 connections with a client "
+        "certificate (one GET each) to another instance requiring one.",
         f"Baselines: python -c pass {_mb(base['python_kb'])} MB; python -c '{SIDECAR_IMPORTS}' "
         f"{_mb(base['python_import_sidecar_kb'])} MB (the meshpy row includes this interpreter).",
     ]

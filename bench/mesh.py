@@ -31,6 +31,7 @@ from bench.harness import (
     measure_saturation,
     start_service,
 )
+from bench.peers import Creds
 from bench.report import SystemRuns, _ms, _num, _rate
 
 DIRECT, ONE_HOP, TWO_PLAIN, TWO_MTLS = "direct", "one-hop", "two-hop-plain", "two-hop-mtls"
@@ -99,13 +100,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------- certificates
-
-
-@dataclass
-class Creds:
-    cert: Path
-    key: Path
-    bundle: Path
 
 
 def issue_certificates(directory: Path) -> dict[str, Creds]:

@@ -206,6 +206,15 @@ def pin_prefix(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+@dataclass(frozen=True)
+class Creds:
+    """A workload certificate (chain), its key, and the CA bundle its peers chain to."""
+
+    cert: Path
+    key: Path
+    bundle: Path
+
+
 @dataclass
 class Service:
     """One child process with its own working directory and log files."""
@@ -391,9 +400,27 @@ def upstream_nginx(workdir: Path, cpus: str | None = None) -> Service:
 # nginx and HAProxy add the request headers meshpy adds to every request it forwards, for
 # the same work per request: X-Forwarded-For, Forwarded, X-Forwarded-Proto, and an
 # X-Request-ID unless the client sent one.
-def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | None) -> Service:
+def nginx_proxy(
+    workdir: Path,
+    upstream_port: int,
+    threads: int,
+    cpus: str | None,
+    mutual_tls: Creds | None = None,
+) -> Service:
+    """``mutual_tls``: the listener serves TLS 1.3 with that certificate and requires a client
+    certificate chaining to its bundle, as a sidecar's ``mtls: strict`` listener does."""
     workdir.mkdir(parents=True)
     port = free_port()
+    tls = (
+        "        ssl_protocols TLSv1.3;\n"
+        f"        ssl_certificate {mutual_tls.cert};\n"
+        f"        ssl_certificate_key {mutual_tls.key};\n"
+        f"        ssl_client_certificate {mutual_tls.bundle};\n"
+        "        ssl_verify_client on;\n"
+        "        ssl_verify_depth 3;\n"
+        if mutual_tls is not None
+        else ""
+    )
     conf = (
         _nginx_main(workdir, threads)
         + "http {\n"
@@ -409,7 +436,8 @@ def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | Non
         + "        keepalive_timeout 300s;\n"
         + "    }\n"
         + "    server {\n"
-        + f"        listen {HOST}:{port} backlog=4096;\n"
+        + f"        listen {HOST}:{port} backlog=4096{' ssl' if mutual_tls else ''};\n"
+        + tls
         + "        location / {\n"
         + "            proxy_pass http://origin;\n"
         + "            proxy_http_version 1.1;\n"
@@ -427,11 +455,24 @@ def nginx_proxy(workdir: Path, upstream_port: int, threads: int, cpus: str | Non
 
 
 def haproxy_proxy(
-    workdir: Path, upstream_port: int, threads: int, cpus: str | None, maxconn: int = 4096
+    workdir: Path,
+    upstream_port: int,
+    threads: int,
+    cpus: str | None,
+    maxconn: int = 4096,
+    mutual_tls: Creds | None = None,
 ) -> Service:
-    """``maxconn``: HAProxy refuses connections beyond it (the memory bench holds thousands)."""
+    """``maxconn``: HAProxy refuses connections beyond it (the memory bench holds thousands).
+    ``mutual_tls``: as for nginx, TLS 1.3 requiring a client certificate."""
     workdir.mkdir(parents=True)
     port = free_port()
+    bind, proto = f"{HOST}:{port}", "http"
+    if mutual_tls is not None:
+        # HAProxy reads a certificate and its key from one file.
+        pem = workdir / "server.pem"
+        pem.write_bytes(mutual_tls.cert.read_bytes() + mutual_tls.key.read_bytes())
+        bind += f" ssl crt {pem} ca-file {mutual_tls.bundle} verify required ssl-min-ver TLSv1.3"
+        proto = "https"
     conf = (
         "global\n"
         f"    nbthread {threads}\n"
@@ -444,13 +485,13 @@ def haproxy_proxy(
         "    timeout server 300s\n"
         "    timeout http-keep-alive 300s\n"
         "frontend bench\n"
-        f"    bind {HOST}:{port}\n"
+        f"    bind {bind}\n"
         "    default_backend origin\n"
         "backend origin\n"
         "    http-reuse always\n"
         "    option forwardfor\n"
-        '    http-request set-header Forwarded "for=%[src];proto=http"\n'
-        "    http-request set-header X-Forwarded-Proto http\n"
+        f'    http-request set-header Forwarded "for=%[src];proto={proto}"\n'
+        f"    http-request set-header X-Forwarded-Proto {proto}\n"
         "    http-request set-header X-Request-ID %[uuid]"
         " unless { req.hdr(x-request-id) -m found }\n"
         f"    server origin {HOST}:{upstream_port}\n"

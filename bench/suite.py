@@ -56,7 +56,10 @@ QUICK_DEFAULTS = {"rounds": 1, "duration": 2.0, "warmup": 0.0}
 # Extra arguments for the modules run as parts, in a --quick run (the full run uses theirs).
 QUICK_PART_ARGS = {
     "mesh": ["--handshake-seconds", "2"],
-    "memory": ["--soak", "10", "--soak-interval", "1", "--idle-connections", "500"],
+    "memory": [
+        *("--soak", "10", "--soak-interval", "1"),
+        *("--idle-connections", "500", "--mtls-connections", "200"),
+    ],
     "churn": ["--handshake-seconds", "2"],
 }
 

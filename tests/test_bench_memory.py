@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import memory, peers  # noqa: E402
+from bench import memory, mesh, peers  # noqa: E402
 
 
 def test_slope_of_a_line_and_of_constant_xs() -> None:
@@ -101,3 +102,50 @@ def test_idle_connections_through_a_real_meshpy_proxy(
     assert figures["connections"] == 50
     assert figures["rss_kb_before"] > 0
     assert figures["kb_per_connection"] > 0
+
+
+needs_meshpy = pytest.mark.skipif(
+    importlib.util.find_spec("meshpy._core") is None, reason="needs meshpy (and its CA)"
+)
+
+
+@needs_meshpy
+@pytest.mark.skipif(
+    shutil.which("nginx") is None or shutil.which("haproxy") is None,
+    reason="needs nginx (the upstream, and a peer) and HAProxy",
+)
+@pytest.mark.parametrize("name", memory.SYSTEMS)
+def test_each_proxys_mutual_tls_listener_requires_a_client_certificate(
+    tmp_path: Path, name: str
+) -> None:
+    """The peers' mTLS configs do what a sidecar's ``mtls: strict`` does, so their idle TLS
+    connections are the same kind: a client with a certificate of the mesh CA is served, one
+    without any is not."""
+    args = memory.parse_args(["--mtls-connections", "2"])
+    creds = mesh.issue_certificates(tmp_path / "pki")
+    upstream = peers.upstream_nginx(tmp_path / "upstream")
+    with started(upstream):
+        service = memory.mtls_proxy_service(name, tmp_path, upstream.port, args, creds["b"])
+        with started(service):
+            with_certificate = memory.client_tls(creds["a"], creds["b"].bundle)
+            memory.close_all(memory.open_idle_connections(service.port, 2, with_certificate))
+            without = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            without.check_hostname = False
+            without.load_verify_locations(str(creds["b"].bundle))
+            with pytest.raises(peers.PeerError):
+                memory.open_idle_connections(service.port, 1, without)
+
+
+@needs_meshpy
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="needs nginx as the upstream")
+def test_idle_mutual_tls_connections_through_a_real_meshpy_sidecar(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(memory, "SETTLE_SECONDS", 0.3)
+    args = memory.parse_args(["--systems", "meshpy", "--mtls-connections", "30"])
+    upstream = peers.upstream_nginx(tmp_path / "upstream")
+    with started(upstream):
+        figures = memory.measure_mtls_connections("meshpy", args, tmp_path, upstream)
+    assert figures["connections"] == 30
+    assert figures["rss_kb_held"] > 0
+    assert figures["kb_per_connection"] is not None
