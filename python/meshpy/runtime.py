@@ -12,6 +12,7 @@ holds it too long.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import traceback
@@ -30,6 +31,10 @@ log = logging.getLogger("meshpy.filters")
 _MAX_DISTINCT_ERRORS = 1024  # errors remembered for log-once; past it every error is logged
 _MAX_RETIRED = 16  # blocked threads abandoned before the watchdog stops replacing them
 _WATCH_INTERVAL = 0.1  # seconds between the watchdog's looks
+# The modules whose frames stand above a hook in a filter error's traceback: the filter
+# thread's (`meshpy.dispatcher`) and this one. Paths, so the filter thread's module is not
+# imported (with asyncio) before a filter is configured.
+_HOOK_CALLERS = frozenset({__file__, os.path.join(os.path.dirname(__file__), "dispatcher.py")})
 
 
 class ErrorLog:
@@ -48,9 +53,9 @@ class ErrorLog:
             return True
 
     def exception(self, hook: Hook, phase: str, exc: BaseException) -> None:
-        # The traceback starts in the filter's code: the frames of this module say nothing.
+        # The traceback starts in the filter's code: the frames that called it say nothing.
         tb = exc.__traceback__
-        while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        while tb is not None and tb.tb_frame.f_code.co_filename in _HOOK_CALLERS:
             tb = tb.tb_next
         exc = exc.with_traceback(tb)
         frames = traceback.extract_tb(tb)
