@@ -337,37 +337,25 @@ def client_tls(client: peers.Creds, trusted: Path) -> ssl.SSLContext:
     return context
 
 
-def mtls_proxy_service(
-    name: str, root: Path, upstream_port: int, args: argparse.Namespace, server: peers.Creds
-) -> peers.Service:
-    """The proxy ``name`` with a listener requiring a client certificate, serving ``server``."""
-    workdir = root / f"{name}-mtls"
-    if name == "meshpy":
-        return mesh.sidecar(
-            name, workdir, upstream_port, args.threads, args.pin_proxy, server, inbound_mtls=True
-        )
-    if name == "haproxy":
-        maxconn = args.mtls_connections + SPARE_FILES
-        return peers.haproxy_proxy(
-            workdir, upstream_port, args.threads, args.pin_proxy, maxconn, server
-        )
-    return peers.nginx_proxy(workdir, upstream_port, args.threads, args.pin_proxy, server)
-
-
 def measure_mtls_connections(
-    name: str, args: argparse.Namespace, root: Path, upstream: peers.Service
+    name: str,
+    args: argparse.Namespace,
+    root: Path,
+    upstream: peers.Service,
+    creds: dict[str, peers.Creds],
 ) -> dict[str, Any]:
-    """RSS growth per idle mutual-TLS connection of a fresh instance of ``name``."""
-    creds = mesh.issue_certificates(root / f"pki-{name}")
-    service = mtls_proxy_service(name, root, upstream.port, args, creds["b"])
+    """RSS growth per idle mutual-TLS connection of a fresh instance of ``name`` serving
+    ``creds["b"]``, its clients presenting ``creds["a"]``."""
+    service = proxy_service(name, root, upstream.port, args, creds["b"])
     tls = client_tls(creds["a"], creds["b"].bundle)
-    with contextlib.ExitStack() as stack:
-        stack.callback(service.stop)
+    try:
         service.start()
         assert service.proc is not None
         # Its first connection, as the readiness check: the handshake and one GET.
         close_all(open_idle_connections(service.port, 1, tls))
         return measure_idle_connections(service.proc.pid, service.port, args.mtls_connections, tls)
+    finally:
+        service.stop()
 
 
 # --------------------------------------------------------------------------- load and soak
@@ -439,21 +427,41 @@ def measure_soak(
 
 
 def proxy_service(
-    name: str, root: Path, upstream_port: int, args: argparse.Namespace
+    name: str,
+    root: Path,
+    upstream_port: int,
+    args: argparse.Namespace,
+    mutual_tls: peers.Creds | None = None,
 ) -> peers.Service:
-    """The proxy ``name`` configured as in ``python -m bench``; HAProxy admits every idle one."""
+    """The proxy ``name`` configured as in ``python -m bench``; HAProxy admits every idle one.
+    With ``mutual_tls`` its listener serves that certificate and requires a client's."""
+    if mutual_tls is None:
+        workdir, idle = root / name, args.idle_connections
+    else:
+        workdir, idle = root / f"{name}-mtls", args.mtls_connections
+    pin = args.pin_proxy
     if name == "haproxy":
-        maxconn = args.idle_connections + SPARE_FILES
-        return peers.haproxy_proxy(
-            root / name, upstream_port, args.threads, args.pin_proxy, maxconn
+        maxconn = idle + SPARE_FILES
+        return peers.haproxy_proxy(workdir, upstream_port, args.threads, pin, maxconn, mutual_tls)
+    if mutual_tls is None:
+        return peers.PROXIES[name](workdir, upstream_port, args.threads, pin)
+    if name == "meshpy":
+        return mesh.sidecar(
+            name, workdir, upstream_port, args.threads, pin, mutual_tls, inbound_mtls=True
         )
-    return peers.PROXIES[name](root / name, upstream_port, args.threads, args.pin_proxy)
+    return peers.nginx_proxy(workdir, upstream_port, args.threads, pin, mutual_tls)
 
 
 def measure_system(
-    name: str, args: argparse.Namespace, root: Path, upstream: peers.Service, script: Path
+    name: str,
+    args: argparse.Namespace,
+    root: Path,
+    upstream: peers.Service,
+    script: Path,
+    creds: dict[str, peers.Creds] | None,
 ) -> dict[str, Any]:
-    """Every memory figure of one proxy, started for this and stopped afterwards."""
+    """Every memory figure of one proxy, started for this and stopped afterwards; the
+    mutual-TLS one with ``creds`` (the run's certificates), if given."""
     result: dict[str, Any] = {"system": name, "failures": []}
     service = proxy_service(name, root, upstream.port, args)
     url = f"http://{peers.HOST}:{service.port}/"
@@ -477,9 +485,12 @@ def measure_system(
         ]
         if args.soak and name in args.soak_names:
             phases.append(("soak", lambda: measure_soak(service, url, args, root)))
-        if args.mtls_connections:
+        if creds is not None:
             phases.append(
-                ("mtls_connections", lambda: measure_mtls_connections(name, args, root, upstream))
+                (
+                    "mtls_connections",
+                    lambda: measure_mtls_connections(name, args, root, upstream, creds),
+                )
             )
         for phase, run in phases:
             if service.proc.poll() is not None:
@@ -545,13 +556,14 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "python_import_sidecar_kb": python_rss_kb(SIDECAR_IMPORTS),
     }
     script = load.write_wrk_script(root)
+    creds = mesh.issue_certificates(root / "pki") if args.mtls_connections else None
     systems = []
     with contextlib.ExitStack() as stack:
         upstream = peers.upstream_nginx(root / "upstream", args.pin_upstream)
         harness.start_service(stack, upstream, "/", len(peers.SMALL_BODY))
         for name in args.names:
             try:
-                systems.append(measure_system(name, args, root, upstream, script))
+                systems.append(measure_system(name, args, root, upstream, script, creds))
             except peers.PeerError as exc:
                 systems.append({"system": name, "failures": [str(exc).splitlines()[0]]})
                 print(f"{name:<8} failed: {exc}", file=sys.stderr, flush=True)

@@ -125,7 +125,7 @@ def test_each_proxys_mutual_tls_listener_requires_a_client_certificate(
     creds = mesh.issue_certificates(tmp_path / "pki")
     upstream = peers.upstream_nginx(tmp_path / "upstream")
     with started(upstream):
-        service = memory.mtls_proxy_service(name, tmp_path, upstream.port, args, creds["b"])
+        service = memory.proxy_service(name, tmp_path, upstream.port, args, creds["b"])
         with started(service):
             with_certificate = memory.client_tls(creds["a"], creds["b"].bundle)
             memory.close_all(memory.open_idle_connections(service.port, 2, with_certificate))
@@ -145,7 +145,8 @@ def test_idle_mutual_tls_connections_through_a_real_meshpy_sidecar(
     args = memory.parse_args(["--systems", "meshpy", "--mtls-connections", "30"])
     upstream = peers.upstream_nginx(tmp_path / "upstream")
     with started(upstream):
-        figures = memory.measure_mtls_connections("meshpy", args, tmp_path, upstream)
+        creds = mesh.issue_certificates(tmp_path / "pki")
+        figures = memory.measure_mtls_connections("meshpy", args, tmp_path, upstream, creds)
     assert figures["connections"] == 30
     assert figures["rss_kb_held"] > 0
     assert figures["kb_per_connection"] is not None
