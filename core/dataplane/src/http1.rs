@@ -77,7 +77,8 @@ pub async fn serve<T>(mut io: MeteredIo<T>, server: &HttpServer, ctx: Arc<ConnCt
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let mut read = BytesMut::with_capacity(READ_RESERVE);
+    // Empty: the first read makes room once the client has sent something.
+    let mut read = BytesMut::new();
     if serve_fast(&mut io, &mut read, &ctx).await == Next::Hyper {
         // Boxed: the connection's future would otherwise hold hyper's states from the start.
         Box::pin(serve_hyper(Rewind::new(io, read.freeze()), false, server, ctx)).await;
