@@ -56,6 +56,10 @@ pub enum SendError {
     Upstream(hyper::Error),
 }
 
+/// A connect (and its TLS handshake) in progress, boxed so that its states stay out of
+/// the futures that only sometimes connect.
+pub type Connecting<'a, T> = Pin<Box<dyn Future<Output = Result<T, String>> + Send + 'a>>;
+
 struct Idle {
     sender: http1::SendRequest<RequestBody>,
     since: Instant,
@@ -267,7 +271,7 @@ impl EndpointPool {
     /// A new fast-path connection (mTLS for `tls: mesh`) within the connect timeout.
     /// Boxed: a connect and its handshake take kilobytes of states, which would otherwise
     /// sit in the future of every downstream connection, open or idle.
-    pub fn connect_raw(&self) -> Pin<Box<dyn Future<Output = Result<RawConn, String>> + Send + '_>> {
+    pub fn connect_raw(&self) -> Connecting<'_, RawConn> {
         Box::pin(async move {
             let stream = self.connect_tcp().await?;
             let stream = match self.mesh.load_full() {
@@ -347,12 +351,19 @@ impl EndpointPool {
         });
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, String> {
-        let stream = self.connect_tcp().await?;
-        match self.mesh.load_full() {
-            None => self.handshake_http1(stream).await,
-            Some(mesh) => self.handshake_http1(self.handshake(&mesh, stream, Carrying::Http1).await?).await,
-        }
+    /// A new HTTP/1.1 connection. Boxed, as `connect_raw`: a request's future would
+    /// otherwise carry a connect's and a handshake's states (kilobytes) while it only
+    /// reuses a pooled connection, and hyper moves that future whole for every HTTP/2 stream.
+    fn connect_http1(&self) -> Connecting<'_, http1::SendRequest<RequestBody>> {
+        Box::pin(async move {
+            let stream = self.connect_tcp().await?;
+            match self.mesh.load_full() {
+                None => self.handshake_http1(stream).await,
+                Some(mesh) => {
+                    self.handshake_http1(self.handshake(&mesh, stream, Carrying::Http1).await?).await
+                }
+            }
+        })
     }
 
     async fn handshake_http1<T>(&self, stream: T) -> Result<http1::SendRequest<RequestBody>, String>
@@ -365,12 +376,17 @@ impl EndpointPool {
         Ok(sender)
     }
 
-    async fn connect_http2(&self) -> Result<http2::SendRequest<RequestBody>, String> {
-        let stream = self.connect_tcp().await?;
-        match self.mesh.load_full() {
-            None => self.handshake_http2(stream).await,
-            Some(mesh) => self.handshake_http2(self.handshake(&mesh, stream, Carrying::Http2).await?).await,
-        }
+    /// A new HTTP/2 connection, boxed as `connect_http1` is.
+    fn connect_http2(&self) -> Connecting<'_, http2::SendRequest<RequestBody>> {
+        Box::pin(async move {
+            let stream = self.connect_tcp().await?;
+            match self.mesh.load_full() {
+                None => self.handshake_http2(stream).await,
+                Some(mesh) => {
+                    self.handshake_http2(self.handshake(&mesh, stream, Carrying::Http2).await?).await
+                }
+            }
+        })
     }
 
     async fn handshake_http2<T>(&self, stream: T) -> Result<http2::SendRequest<RequestBody>, String>
