@@ -14,6 +14,11 @@ what a user of the sidecar pays). Measured, in this order, on the same process:
   a later allocation or trim, so a low "released" share means "not yet", not necessarily "never":
   the RSS under load, measured next on the same process, shows whether it came back later;
 - RSS under sustained load: wrk keep-alive at saturation, sampled every 0.5 s;
+- RSS growth per 1,000 idle HTTP/2 connections (h2c, prior knowledge; nginx on a second
+  ``listen ... http2`` of the same server, as in ``python -m bench``), on a second instance of
+  the proxy, so that memory the first one freed is not reused: ``--h2-connections``
+  connections, each completing one GET on one stream and then left idle. It is what a sidecar
+  holds for gRPC and other HTTP/2 clients' long-lived connections;
 - RSS growth per 1,000 idle mutual-TLS connections, on a second instance of the proxy whose
   listener serves TLS 1.3 and requires a client certificate (meshpy: ``mtls: strict`` with a
   workload identity; nginx: ``ssl_verify_client on``; HAProxy: ``verify required``, each with
@@ -50,6 +55,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import h2.config
+import h2.connection
+import h2.events
 import psutil
 
 from bench import harness, load, mesh, peers, report
@@ -86,6 +94,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         type=int,
         default=5000,
         help="idle keep-alive connections held open at once (default 5000)",
+    )
+    parser.add_argument(
+        "--h2-connections",
+        type=int,
+        default=2000,
+        help="idle HTTP/2 (h2c) connections held open at once (default 2000; 0 skips them)",
     )
     parser.add_argument(
         "--mtls-connections",
@@ -128,8 +142,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     harness.require_positive_counts(
         parser, args, ("threads", "idle_connections", "connections", "soak_connections")
     )
-    if args.mtls_connections < 0:
-        parser.error("--mtls-connections must be 0 or more")
+    if args.h2_connections < 0 or args.mtls_connections < 0:
+        parser.error("--h2-connections and --mtls-connections must be 0 or more")
     if args.duration <= 0 or args.soak < 0 or args.soak_rate <= 0 or args.soak_interval <= 0:
         parser.error("--duration, --soak-rate, --soak-interval must be positive; --soak >= 0")
     args.names = harness.select_systems(parser, args.systems, SYSTEMS)
@@ -267,12 +281,43 @@ def read_response(sock: socket.socket) -> int:
     return int(lines[0].split()[1])
 
 
+def h2_request() -> tuple[h2.connection.H2Connection, bytes]:
+    """A client HTTP/2 connection's state and its first bytes: the preface, its settings and
+    a GET / on stream 1."""
+    connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    connection.initiate_connection()
+    headers = [(":method", "GET"), (":path", "/"), (":scheme", "http"), (":authority", peers.HOST)]
+    connection.send_headers(1, headers, end_stream=True)
+    return connection, connection.data_to_send()
+
+
+def read_h2_response(sock: socket.socket, connection: h2.connection.H2Connection) -> int:
+    """Read stream 1's response to its end, answering the server's settings; its status."""
+    status = 0
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            raise peers.PeerError("connection closed before an HTTP/2 response")
+        for event in connection.receive_data(data):
+            if isinstance(event, h2.events.ResponseReceived):
+                status = int(dict(event.headers)[b":status"])
+            elif isinstance(event, h2.events.DataReceived):
+                connection.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, h2.events.StreamEnded):
+                sock.sendall(connection.data_to_send())
+                return status
+            elif isinstance(event, (h2.events.StreamReset, h2.events.ConnectionTerminated)):
+                raise peers.PeerError(f"HTTP/2 GET refused: {event}")
+        sock.sendall(connection.data_to_send())
+
+
 def open_idle_connections(
-    port: int, count: int, tls: ssl.SSLContext | None = None
+    port: int, count: int, tls: ssl.SSLContext | None = None, http2: bool = False
 ) -> list[socket.socket]:
     """``count`` keep-alive connections, each having completed one GET, left open and idle;
-    over TLS with ``tls``."""
+    over TLS with ``tls``, over HTTP/2 (h2c, prior knowledge) with ``http2``."""
     request = f"GET / HTTP/1.1\r\nHost: {peers.HOST}\r\n\r\n".encode()
+    h2_states: dict[socket.socket, h2.connection.H2Connection] = {}
     opened: list[socket.socket] = []
     try:
         while len(opened) < count:
@@ -287,9 +332,13 @@ def open_idle_connections(
                         raise
                 opened.append(sock)
                 batch.append(sock)
-                sock.sendall(request)
+                if http2:
+                    h2_states[sock], first_bytes = h2_request()
+                    sock.sendall(first_bytes)
+                else:
+                    sock.sendall(request)
             for sock in batch:
-                status = read_response(sock)
+                status = read_h2_response(sock, h2_states[sock]) if http2 else read_response(sock)
                 if status != 200:
                     raise peers.PeerError(f"GET / on port {port} answered {status}")
     except (OSError, peers.PeerError) as exc:
@@ -304,11 +353,11 @@ def close_all(sockets: Sequence[socket.socket]) -> None:
 
 
 def measure_idle_connections(
-    pid: int, port: int, count: int, tls: ssl.SSLContext | None = None
+    pid: int, port: int, count: int, tls: ssl.SSLContext | None = None, http2: bool = False
 ) -> dict[str, Any]:
     """RSS before, with ``count`` idle keep-alive connections open, and after closing them."""
     before = settled_rss_kb(pid)
-    sockets = open_idle_connections(port, count, tls)
+    sockets = open_idle_connections(port, count, tls, http2)
     try:
         held = settled_rss_kb(pid)
     finally:
@@ -335,6 +384,29 @@ def client_tls(client: peers.Creds, trusted: Path) -> ssl.SSLContext:
     context.load_verify_locations(str(trusted))
     context.load_cert_chain(str(client.cert), str(client.key))
     return context
+
+
+def measure_h2_connections(
+    name: str, args: argparse.Namespace, root: Path, upstream: peers.Service
+) -> dict[str, Any]:
+    """RSS growth per idle HTTP/2 (h2c) connection of a fresh instance of ``name``: on the
+    first one, the allocator would reuse what the plaintext connections left, and the growth
+    would read low. meshpy and HAProxy take h2c on their HTTP/1.1 port, nginx on a second
+    listener; meshpy's cluster speaks HTTP/1.1, as the upstream's port and the peers do."""
+    service = proxy_service(name, root / "h2", upstream.port, args)
+    port = service.port
+    if name == "meshpy":
+        peers.force_http1_upstream(service)
+    if name == "nginx":
+        port = peers.add_h2c_listener(service)
+    try:
+        service.start()
+        assert service.proc is not None
+        # Its first connection, as the readiness check: one GET over HTTP/2.
+        close_all(open_idle_connections(port, 1, http2=True))
+        return measure_idle_connections(service.proc.pid, port, args.h2_connections, http2=True)
+    finally:
+        service.stop()
 
 
 def measure_mtls_connections(
@@ -436,7 +508,7 @@ def proxy_service(
     """The proxy ``name`` configured as in ``python -m bench``; HAProxy admits every idle one.
     With ``mutual_tls`` its listener serves that certificate and requires a client's."""
     if mutual_tls is None:
-        workdir, idle = root / name, args.idle_connections
+        workdir, idle = root / name, max(args.idle_connections, args.h2_connections)
     else:
         workdir, idle = root / f"{name}-mtls", args.mtls_connections
     pin = args.pin_proxy
@@ -485,6 +557,10 @@ def measure_system(
         ]
         if args.soak and name in args.soak_names:
             phases.append(("soak", lambda: measure_soak(service, url, args, root)))
+        if args.h2_connections:
+            phases.append(
+                ("h2_connections", lambda: measure_h2_connections(name, args, root, upstream))
+            )
         if creds is not None:
             phases.append(
                 (
@@ -513,6 +589,11 @@ def phase_line(phase: str, figures: dict[str, Any]) -> str:
             f"{figures['connections']} idle connections: +{figures['kb_per_1000']:,.0f} KB per "
             f"1,000 ({figures['kb_per_connection']} KB each), released after close "
             f"{_pct(figures['released_pct'])}"
+        )
+    if phase == "h2_connections":
+        return (
+            f"{figures['connections']} idle HTTP/2 connections (another instance): "
+            f"+{figures['kb_per_1000']:,.0f} KB per 1,000 ({figures['kb_per_connection']} KB each)"
         )
     if phase == "mtls_connections":
         return (
@@ -550,7 +631,8 @@ def _pct(value: float | None) -> str:
 
 def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     """Every system in turn against one upstream, plus the interpreter baselines."""
-    raise_open_files_limit(max(args.idle_connections, args.mtls_connections) + SPARE_FILES)
+    most = max(args.idle_connections, args.h2_connections, args.mtls_connections)
+    raise_open_files_limit(most + SPARE_FILES)
     baselines = {
         "python_kb": python_rss_kb("pass"),
         "python_import_sidecar_kb": python_rss_kb(SIDECAR_IMPORTS),
@@ -598,7 +680,8 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
 def table(systems: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<8} {'idle MB':>8} {'KB/1k idle conns':>16} {'KB/conn':>8} "
-        f"{'released':>8} {'KB/mTLS conn':>12} {'load median MB':>14} {'load max MB':>11} "
+        f"{'released':>8} {'KB/h2 conn':>10} {'KB/mTLS conn':>12} {'load median MB':>14} "
+        f"{'load max MB':>11} "
         f"{'load req/s':>10}"
     )
     lines = [header, "-" * len(header)]
@@ -607,12 +690,13 @@ def table(systems: list[dict[str, Any]]) -> str:
             lines.append(f"{s['system']:<8} failed: {'; '.join(s['failures'])[:80]}")
             continue
         conns, under = s.get("idle_connections", {}), s.get("load", {})
-        mtls = s.get("mtls_connections", {})
+        h2c, mtls = s.get("h2_connections", {}), s.get("mtls_connections", {})
         lines.append(
             f"{s['system']:<8} {_mb(s['idle_rss_kb']):>8} "
             f"{report._num(conns.get('kb_per_1000'), ',.0f'):>16} "
             f"{report._num(conns.get('kb_per_connection'), '.2f'):>8} "
             f"{_pct(conns.get('released_pct')):>8} "
+            f"{report._num(h2c.get('kb_per_connection'), '.2f'):>10} "
             f"{report._num(mtls.get('kb_per_connection'), '.2f'):>12} "
             f"{_mb(under.get('rss_kb_median')):>14} "
             f"{_mb(under.get('rss_kb_max')):>11} {report._rate(under.get('rps')):>10}"
@@ -626,6 +710,7 @@ def summary_lines(args: argparse.Namespace, results: dict[str, Any]) -> list[str
         f"RSS summed over each process tree; {args.idle_connections} idle keep-alive connections "
         "(one GET each); released: share of their growth gone 1 s after closing them; load: "
         f"wrk -c{args.connections} keep-alive for {args.duration:g} s, RSS every 0.5 s; "
+        f"KB/h2 conn: {args.h2_connections} idle HTTP/2 (h2c) connections (one GET each); "
         f"KB/mTLS conn: {args.mtls_connections} idle TLS 1.3 connections with a client "
         "certificate (one GET each) to another instance requiring one.",
         f"Baselines: python -c pass {_mb(base['python_kb'])} MB; python -c '{SIDECAR_IMPORTS}' "

@@ -454,6 +454,34 @@ def nginx_proxy(
     return Service("nginx", port, _nginx_argv(workdir, cpus), workdir)
 
 
+def add_h2c_listener(service: Service) -> int:
+    """Give an nginx service (not yet started) a second listener speaking h2c; its port.
+
+    nginx 1.22 cannot serve HTTP/1.1 and h2c on one plaintext port (``listen ... http2``
+    makes the port HTTP/2 only), so HTTP/2 goes to a second ``listen`` of the same server.
+    """
+    config = service.workdir / "nginx.conf"
+    text = config.read_text()
+    listen = f"listen {HOST}:{service.port} backlog=4096;"
+    if listen not in text:
+        raise PeerError(f"{config}: no '{listen}' line to add an h2c listener next to")
+    port = free_port()
+    config.write_text(
+        text.replace(listen, f"{listen}\n        listen {HOST}:{port} http2 backlog=4096;")
+    )
+    return port
+
+
+def force_http1_upstream(service: Service) -> None:
+    """meshpy's cluster speaks HTTP/1.1 to the upstream, as nginx and HAProxy do.
+
+    Its default (``protocol: auto``) would forward HTTP/2 as h2c, which the upstream's
+    HTTP/1.1 port does not take; the cluster is the last block of the generated config.
+    """
+    config = service.workdir / "sidecar.yaml"
+    config.write_text(config.read_text() + "    protocol: http1\n")
+
+
 def haproxy_proxy(
     workdir: Path,
     upstream_port: int,

@@ -58,7 +58,7 @@ QUICK_PART_ARGS = {
     "mesh": ["--handshake-seconds", "2"],
     "memory": [
         *("--soak", "10", "--soak-interval", "1"),
-        *("--idle-connections", "500", "--mtls-connections", "200"),
+        *("--idle-connections", "500", "--h2-connections", "200", "--mtls-connections", "200"),
     ],
     "churn": ["--handshake-seconds", "2"],
 }
@@ -245,34 +245,6 @@ def pin_argv(mode: str) -> list[str]:
 # --------------------------------------------------------------------------- HTTP/2 set-up
 
 
-def add_h2c_listener(service: peers.Service) -> int:
-    """Give an nginx service (not yet started) a second listener speaking h2c; its port.
-
-    nginx 1.22 cannot serve HTTP/1.1 and h2c on one plaintext port (``listen ... http2``
-    makes the port HTTP/2 only), so HTTP/2 goes to a second ``listen`` of the same server.
-    """
-    config = service.workdir / "nginx.conf"
-    text = config.read_text()
-    listen = f"listen {peers.HOST}:{service.port} backlog=4096;"
-    if listen not in text:
-        raise peers.PeerError(f"{config}: no '{listen}' line to add an h2c listener next to")
-    port = peers.free_port()
-    config.write_text(
-        text.replace(listen, f"{listen}\n        listen {peers.HOST}:{port} http2 backlog=4096;")
-    )
-    return port
-
-
-def force_http1_upstream(service: peers.Service) -> None:
-    """meshpy's cluster speaks HTTP/1.1 to the upstream, as nginx and HAProxy do.
-
-    Its default (``protocol: auto``) would forward HTTP/2 as h2c, which the upstream's
-    HTTP/1.1 port does not take; the cluster is the last block of the generated config.
-    """
-    config = service.workdir / "sidecar.yaml"
-    config.write_text(config.read_text() + "    protocol: http1\n")
-
-
 def check_h2(port: int, path: str) -> None:
     """One HTTP/2 (h2c prior knowledge) GET must succeed with a 2xx."""
     url = f"http://{peers.HOST}:{port}{path}"
@@ -435,7 +407,7 @@ def start_targets(
     only over HTTP/2 keeps running with HTTP/2 marked n/a."""
     pins = pinning(mode)
     upstream = peers.upstream_nginx(root / "upstream", pins["upstream"])
-    upstream_h2 = add_h2c_listener(upstream)
+    upstream_h2 = peers.add_h2c_listener(upstream)
     harness.start_service(stack, upstream, "/", len(peers.SMALL_BODY))
     print(f"[{mode}] upstream nginx on port {upstream.port} (h2c {upstream_h2})", flush=True)
     targets = []
@@ -445,9 +417,9 @@ def start_targets(
         if name == DIRECT:
             target.h2_port = upstream_h2
         elif name == "nginx" and system.service is not None:
-            target.h2_port = add_h2c_listener(system.service)
+            target.h2_port = peers.add_h2c_listener(system.service)
         elif name == "meshpy" and system.service is not None:
-            force_http1_upstream(system.service)
+            peers.force_http1_upstream(system.service)
         try:
             if system.service is not None:
                 harness.start_service(stack, system.service, "/", len(peers.SMALL_BODY))

@@ -150,3 +150,23 @@ def test_idle_mutual_tls_connections_through_a_real_meshpy_sidecar(
     assert figures["connections"] == 30
     assert figures["rss_kb_held"] > 0
     assert figures["kb_per_connection"] is not None
+
+
+@needs_meshpy
+@pytest.mark.skipif(
+    shutil.which("nginx") is None or shutil.which("haproxy") is None,
+    reason="needs nginx (the upstream, and a peer) and HAProxy",
+)
+@pytest.mark.parametrize("name", memory.SYSTEMS)
+def test_each_proxy_serves_the_idle_http2_connections_of_the_memory_bench(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    """Each proxy answers the phase's h2c GETs with 200 (a refusal raises) and its RSS grows
+    while they stay open: the phase measures idle HTTP/2 connections, not refused ones."""
+    monkeypatch.setattr(memory, "SETTLE_SECONDS", 0.3)
+    args = memory.parse_args(["--systems", name, "--h2-connections", "200"])
+    upstream = peers.upstream_nginx(tmp_path / "upstream")
+    with started(upstream):
+        figures = memory.measure_h2_connections(name, args, tmp_path, upstream)
+    assert figures["connections"] == 200
+    assert figures["kb_per_connection"] > 0

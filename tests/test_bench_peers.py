@@ -13,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 from bench import peers
 
@@ -82,3 +83,18 @@ def test_every_proxy_adds_the_forwarding_headers_meshpy_adds(name: str, tmp_path
     # A fresh id per request, and the client's own kept.
     assert first["x-request-id"] and first["x-request-id"] != second["x-request-id"]
     assert third["x-request-id"] == "from-the-client"
+
+
+def test_nginx_gets_a_second_listener_for_h2c(tmp_path: Path) -> None:
+    service = peers.upstream_nginx(tmp_path / "upstream")
+    h2_port = peers.add_h2c_listener(service)
+    text = (service.workdir / "nginx.conf").read_text()
+    assert f"listen {peers.HOST}:{service.port} backlog=4096;" in text
+    assert f"listen {peers.HOST}:{h2_port} http2 backlog=4096;" in text
+
+
+def test_meshpy_cluster_is_forced_to_http1(tmp_path: Path) -> None:
+    service = peers.meshpy_proxy(tmp_path / "meshpy", 8080, 1, None)
+    peers.force_http1_upstream(service)
+    config = yaml.safe_load((service.workdir / "sidecar.yaml").read_text())
+    assert config["clusters"][0]["protocol"] == "http1"

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's bench/
 
@@ -77,21 +76,6 @@ def test_isolated_mode_pins_proxy_to_core_1_and_the_rest_to_core_0() -> None:
 
 
 # --------------------------------------------------------------------------- HTTP/2 set-up
-
-
-def test_nginx_gets_a_second_listener_for_h2c(tmp_path: Path) -> None:
-    service = peers.upstream_nginx(tmp_path / "upstream")
-    h2_port = suite.add_h2c_listener(service)
-    text = (service.workdir / "nginx.conf").read_text()
-    assert f"listen {peers.HOST}:{service.port} backlog=4096;" in text
-    assert f"listen {peers.HOST}:{h2_port} http2 backlog=4096;" in text
-
-
-def test_meshpy_cluster_is_forced_to_http1(tmp_path: Path) -> None:
-    service = peers.meshpy_proxy(tmp_path / "meshpy", 8080, 1, None)
-    suite.force_http1_upstream(service)
-    config = yaml.safe_load((service.workdir / "sidecar.yaml").read_text())
-    assert config["clusters"][0]["protocol"] == "http1"
 
 
 def test_h2_saturation_counts_2xx_over_h2loads_run_time(
