@@ -122,6 +122,26 @@ impl AsyncWrite for Upstream {
         }
     }
 
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Mesh(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    /// hyper's client writes a request's head and body with one `writev` only when its
+    /// connection says it can.
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(stream) => stream.is_write_vectored(),
+            Self::Mesh(tls) => tls.is_write_vectored(),
+        }
+    }
+
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
@@ -273,11 +293,7 @@ impl EndpointPool {
     /// sit in the future of every downstream connection, open or idle.
     pub fn connect_raw(&self) -> Connecting<'_, RawConn> {
         Box::pin(async move {
-            let stream = self.connect_tcp().await?;
-            let stream = match self.mesh.load_full() {
-                None => Upstream::Plain(stream),
-                Some(mesh) => Upstream::Mesh(Box::new(self.handshake(&mesh, stream, Carrying::Http1).await?)),
-            };
+            let stream = self.connect(Carrying::Http1).await?;
             Ok(RawConn { stream, _open: self.open_connection() })
         })
     }
@@ -306,14 +322,13 @@ impl EndpointPool {
         OpenConnection(self.metrics.clone())
     }
 
-    /// Opens a connection for a TCP listener: mTLS for a `tls: mesh` cluster.
-    pub async fn connect_opaque(&self) -> Result<Upstream, String> {
+    /// Opens a connection to the endpoint: mTLS for a `tls: mesh` cluster, naming what it
+    /// will carry in ALPN. Every kind of upstream connection is opened through this.
+    pub async fn connect(&self, carrying: Carrying) -> Result<Upstream, String> {
         let stream = self.connect_tcp().await?;
         match self.mesh.load_full() {
             None => Ok(Upstream::Plain(stream)),
-            Some(mesh) => {
-                self.handshake(&mesh, stream, Carrying::Opaque).await.map(|s| Upstream::Mesh(Box::new(s)))
-            }
+            Some(mesh) => self.handshake(&mesh, stream, carrying).await.map(|s| Upstream::Mesh(Box::new(s))),
         }
     }
 
@@ -356,51 +371,27 @@ impl EndpointPool {
     /// reuses a pooled connection, and hyper moves that future whole for every HTTP/2 stream.
     fn connect_http1(&self) -> Connecting<'_, http1::SendRequest<RequestBody>> {
         Box::pin(async move {
-            let stream = self.connect_tcp().await?;
-            match self.mesh.load_full() {
-                None => self.handshake_http1(stream).await,
-                Some(mesh) => {
-                    self.handshake_http1(self.handshake(&mesh, stream, Carrying::Http1).await?).await
-                }
-            }
+            let stream = self.connect(Carrying::Http1).await?;
+            let (sender, connection) =
+                http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
+            self.drive(connection.with_upgrades());
+            Ok(sender)
         })
-    }
-
-    async fn handshake_http1<T>(&self, stream: T) -> Result<http1::SendRequest<RequestBody>, String>
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) =
-            http1::Builder::new().handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
-        self.drive(connection.with_upgrades());
-        Ok(sender)
     }
 
     /// A new HTTP/2 connection, boxed as `connect_http1` is.
     fn connect_http2(&self) -> Connecting<'_, http2::SendRequest<RequestBody>> {
         Box::pin(async move {
-            let stream = self.connect_tcp().await?;
-            match self.mesh.load_full() {
-                None => self.handshake_http2(stream).await,
-                Some(mesh) => {
-                    self.handshake_http2(self.handshake(&mesh, stream, Carrying::Http2).await?).await
-                }
-            }
+            let stream = self.connect(Carrying::Http2).await?;
+            let (sender, connection) = http2::Builder::new(BoxingExecutor)
+                .timer(TokioTimer::new())
+                .adaptive_window(true)
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
+            self.drive(connection);
+            Ok(sender)
         })
-    }
-
-    async fn handshake_http2<T>(&self, stream: T) -> Result<http2::SendRequest<RequestBody>, String>
-    where
-        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (sender, connection) = http2::Builder::new(BoxingExecutor)
-            .timer(TokioTimer::new())
-            .adaptive_window(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("HTTP/2 handshake failed: {e}"))?;
-        self.drive(connection);
-        Ok(sender)
     }
 
     async fn send_http2(&self, mut request: Request<RequestBody>) -> Result<Response<Incoming>, SendError> {

@@ -3,6 +3,7 @@
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::cluster::Cluster;
+use crate::identity::Carrying;
 
 /// Connects to an endpoint of `cluster` (trying the others when one refuses) and
 /// copies bytes until both sides have closed.
@@ -12,7 +13,7 @@ pub async fn forward<T: AsyncRead + AsyncWrite + Unpin>(mut downstream: T, clust
         let Some((index, in_flight)) = cluster.balancer.pick(exclude) else { break };
         let endpoint = &in_flight.endpoint().address;
         let pool = cluster.pool(index);
-        let upstream = match pool.connect_opaque().await {
+        let upstream = match pool.connect(Carrying::Opaque).await {
             Ok(stream) => stream,
             Err(cause) => {
                 tracing::debug!(cluster = cluster.name(), %endpoint, %cause, "tcp connect failed");
