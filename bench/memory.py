@@ -4,7 +4,8 @@ Each system (meshpy, nginx, HAProxy: one HTTP listener forwarding to the shared 
 configured as in ``python -m bench``) is started alone, measured, and stopped, so the others do
 not share the machine with it. RSS is summed over the process tree (nginx's master and workers;
 the single ``meshpy proxy`` process, whose RSS includes the Python interpreter, because that is
-what a user of the sidecar pays). Measured, in this order, on the same process:
+what a user of the sidecar pays). Measured, in this order, on the same process but for the
+last two, which each get an instance of their own:
 
 - idle RSS right after start (after the readiness check and one GET);
 - RSS growth per 1,000 idle keep-alive connections: ``--idle-connections`` client connections
@@ -14,6 +15,13 @@ what a user of the sidecar pays). Measured, in this order, on the same process:
   a later allocation or trim, so a low "released" share means "not yet", not necessarily "never":
   the RSS under load, measured next on the same process, shows whether it came back later;
 - RSS under sustained load: wrk keep-alive at saturation, sampled every 0.5 s;
+- for ``--soak-systems`` only: a soak of ``--soak`` seconds at a fixed ``--soak-rate`` (h2load),
+  sampled every ``--soak-interval`` seconds. The soak is *flat* when the least-squares slope of
+  RSS over time is below 1% of the median RSS per 10 minutes: about 0.4 MB per 10 minutes for a
+  40 MB sidecar. A leak of one small allocation per request (say 100 B at 1,000 req/s, 6 MB per
+  minute) is far above that, while allocator noise of a few hundred KB over a soak is below it.
+  A soak of a minute or less is too short for the verdict to mean much (the slope of a short
+  run is dominated by the allocator settling); the suite runs 600 s;
 - RSS growth per 1,000 idle HTTP/2 connections (h2c, prior knowledge; nginx on a second
   ``listen ... http2`` of the same server, as in ``python -m bench``), on a second instance of
   the proxy, so that memory the first one freed is not reused: ``--h2-connections``
@@ -24,14 +32,7 @@ what a user of the sidecar pays). Measured, in this order, on the same process:
   workload identity; nginx: ``ssl_verify_client on``; HAProxy: ``verify required``, each with
   the same certificate from a CA made for the run): ``--mtls-connections`` connections, each
   completing one GET with a client certificate and then left idle. It is what a sidecar's
-  inbound listener holds for the pooled connections of the sidecars that call it;
-- for ``--soak-systems`` only: a soak of ``--soak`` seconds at a fixed ``--soak-rate`` (h2load),
-  sampled every ``--soak-interval`` seconds. The soak is *flat* when the least-squares slope of
-  RSS over time is below 1% of the median RSS per 10 minutes: about 0.4 MB per 10 minutes for a
-  40 MB sidecar. A leak of one small allocation per request (say 100 B at 1,000 req/s, 6 MB per
-  minute) is far above that, while allocator noise of a few hundred KB over a soak is below it.
-  A soak of a minute or less is too short for the verdict to mean much (the slope of a short
-  run is dominated by the allocator settling); the suite runs 600 s.
+  inbound listener holds for the pooled connections of the sidecars that call it.
 
 For context, the RSS of ``python -c pass`` and of ``python -c 'import meshpy.cli, meshpy.proxy'``
 (what a sidecar imports before its proxy starts) is reported, to split the sidecar's figure into
@@ -399,14 +400,7 @@ def measure_h2_connections(
         peers.force_http1_upstream(service)
     if name == "nginx":
         port = peers.add_h2c_listener(service)
-    try:
-        service.start()
-        assert service.proc is not None
-        # Its first connection, as the readiness check: one GET over HTTP/2.
-        close_all(open_idle_connections(port, 1, http2=True))
-        return measure_idle_connections(service.proc.pid, port, args.h2_connections, http2=True)
-    finally:
-        service.stop()
+    return measure_on_own_instance(service, port, args.h2_connections, http2=True)
 
 
 def measure_mtls_connections(
@@ -420,12 +414,24 @@ def measure_mtls_connections(
     ``creds["b"]``, its clients presenting ``creds["a"]``."""
     service = proxy_service(name, root, upstream.port, args, creds["b"])
     tls = client_tls(creds["a"], creds["b"].bundle)
+    return measure_on_own_instance(service, service.port, args.mtls_connections, tls)
+
+
+def measure_on_own_instance(
+    service: peers.Service,
+    port: int,
+    count: int,
+    tls: ssl.SSLContext | None = None,
+    http2: bool = False,
+) -> dict[str, Any]:
+    """Starts ``service``, measures ``count`` idle connections to ``port`` as
+    ``measure_idle_connections`` does, and stops it."""
     try:
         service.start()
         assert service.proc is not None
-        # Its first connection, as the readiness check: the handshake and one GET.
-        close_all(open_idle_connections(service.port, 1, tls))
-        return measure_idle_connections(service.proc.pid, service.port, args.mtls_connections, tls)
+        # Its first connection, as the readiness check: the handshake if any, and one GET.
+        close_all(open_idle_connections(port, 1, tls, http2))
+        return measure_idle_connections(service.proc.pid, port, count, tls, http2)
     finally:
         service.stop()
 

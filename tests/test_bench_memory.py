@@ -109,11 +109,14 @@ needs_meshpy = pytest.mark.skipif(
 )
 
 
-@needs_meshpy
-@pytest.mark.skipif(
+needs_both_peers = pytest.mark.skipif(
     shutil.which("nginx") is None or shutil.which("haproxy") is None,
     reason="needs nginx (the upstream, and a peer) and HAProxy",
 )
+
+
+@needs_meshpy
+@needs_both_peers
 @pytest.mark.parametrize("name", memory.SYSTEMS)
 def test_each_proxys_mutual_tls_listener_requires_a_client_certificate(
     tmp_path: Path, name: str
@@ -153,10 +156,7 @@ def test_idle_mutual_tls_connections_through_a_real_meshpy_sidecar(
 
 
 @needs_meshpy
-@pytest.mark.skipif(
-    shutil.which("nginx") is None or shutil.which("haproxy") is None,
-    reason="needs nginx (the upstream, and a peer) and HAProxy",
-)
+@needs_both_peers
 @pytest.mark.parametrize("name", memory.SYSTEMS)
 def test_each_proxy_serves_the_idle_http2_connections_of_the_memory_bench(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str
