@@ -432,3 +432,27 @@ impl EndpointPool {
 fn still_open(stream: &TcpStream) -> bool {
     matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_upstream_connection_keeps_vectored_writes() {
+        // hyper's clients write a request's head and body in one writev only when their
+        // connection says it can; without the pass-through they copy both into one buffer.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut accepted, _) = listener.accept().await.unwrap();
+        let mut upstream = Upstream::Plain(stream);
+        assert!(upstream.is_write_vectored());
+
+        let parts = [io::IoSlice::new(b"head "), io::IoSlice::new(b"body")];
+        let written =
+            std::future::poll_fn(|cx| Pin::new(&mut upstream).poll_write_vectored(cx, &parts)).await.unwrap();
+        assert_eq!(written, 9);
+        let mut received = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut accepted, &mut received).await.unwrap();
+        assert_eq!(&received, b"head body");
+    }
+}
