@@ -167,6 +167,7 @@ def header(
         f"(+{args.warmup:g}s warm-up), path {args.path}; proxy threads {args.threads}; "
         f"rounds {args.rounds}; CPU pinning upstream={pinning['upstream']} "
         f"proxy={pinning['proxy']} load={pinning['load']}",
+        harness.steal_line(args),
     ]
     if skipped:
         lines.append(f"warning: {skipped}")

@@ -327,6 +327,7 @@ def measure(args: argparse.Namespace, command_line: str) -> dict[str, Any]:
         f"(+{args.warmup:g}s warm-up) -H '{CLOSE_HEADER}'; rounds {args.rounds}; proxy workers "
         f"{args.threads}"
     )
+    print(harness.steal_line(args))
     for warning in harness.header_warnings(machine, meshpy):
         print(warning)
     with harness.workspace(args.keep_tmp) as root:

@@ -30,6 +30,8 @@ COMPARED_SETTINGS = (
     "h2_streams",
     "rate_connections",
     "path",
+    "steal_limit",
+    "retakes",
 )
 COMPARED_MACHINE = ("cpu_model", "nproc", "kernel")
 

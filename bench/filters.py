@@ -481,7 +481,7 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
             f"{_ms(lat['p50']):>8} {_ms(lat['p99']):>8} {s['errors']:>7} "
             f"{_num(s['cpu_us_per_req_median'], '.1f'):>10} {_num(s['cpu_us_added'], '+.1f'):>7}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + report.retaken_lines(summaries))
 
 
 def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
@@ -550,6 +550,7 @@ def header(
         f"meshpy workers {args.threads}; rounds {args.rounds}; CPU pinning "
         f"upstream={args.pin_upstream or 'none'} proxy={args.pin_proxy or 'none'} "
         f"load={args.pin_load or 'none'}",
+        harness.steal_line(args),
     ]
     return lines + harness.header_warnings(machine, meshpy)
 

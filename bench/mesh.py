@@ -523,7 +523,7 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
         "cpu µs/req: meshpy processes only (both sidecars summed for two-hop); "
         "* direct: the upstream nginx's"
     )
-    return "\n".join(lines)
+    return "\n".join(lines + report.retaken_lines(summaries))
 
 
 def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
@@ -577,6 +577,7 @@ def header(
         f"connections for {args.handshake_seconds} s; meshpy workers {args.threads} per "
         f"process; rounds {args.rounds}; CPU pinning upstream={args.pin_upstream or 'none'} "
         f"proxy={args.pin_proxy or 'none'} load={args.pin_load or 'none'}",
+        harness.steal_line(args),
     ]
     return lines + harness.header_warnings(machine, meshpy)
 

@@ -68,6 +68,8 @@ class SystemRuns:
     name: str
     runs: list[LoadResult] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    # Runs measured again because too much CPU time was stolen: {"round", "steal_pct", "rps"}.
+    retaken: list[dict[str, Any]] = field(default_factory=list)
 
     def _values(self, key: str) -> list[float]:
         return [run.latency_us[key] for run in self.runs]
@@ -92,7 +94,12 @@ class SystemRuns:
 
     def summary(self, baseline_rps: float | None, nginx_cpu_us: float | None) -> dict[str, Any]:
         if not self.runs:
-            return {"system": self.name, "rounds_ok": 0, "failures": self.failures}
+            return {
+                "system": self.name,
+                "rounds_ok": 0,
+                "retaken": self.retaken,
+                "failures": self.failures,
+            }
         rps = [run.rps for run in self.runs]
         median_rps = statistics.median(rps)
         latency = {
@@ -110,6 +117,7 @@ class SystemRuns:
             "latency_us_median": latency,
             "errors": sum(run.errors for run in self.runs),
             "steal_pct_max": max(run.cpu.get("steal_pct", 0.0) for run in self.runs),
+            "retaken": self.retaken,
             "failures": self.failures,
         }
         if self.runs[0].tool == "wrk":
@@ -147,6 +155,16 @@ def _cpu(summary: dict[str, Any]) -> str:
     return f"{us:.1f}" + ("*" if summary["cpu_of"] == "upstream" else "")
 
 
+def retaken_lines(summaries: list[dict[str, Any]]) -> list[str]:
+    """A footnote naming the runs that were measured again because of steal, if any."""
+    systems = []
+    for s in summaries:
+        if retaken := s.get("retaken"):
+            runs = ", ".join(f"round {r['round']} ({r['steal_pct']:g}% stolen)" for r in retaken)
+            systems.append(f"{s['system']} {runs}")
+    return ["measured again for steal: " + "; ".join(systems)] if systems else []
+
+
 def saturation_table(summaries: list[dict[str, Any]]) -> str:
     header = (
         f"{'system':<9} {'req/s median':>12} {'spread (min-max)':>19} {'vs direct':>9} "
@@ -166,7 +184,7 @@ def saturation_table(summaries: list[dict[str, Any]]) -> str:
         )
     if any(s.get("cpu_of") == "upstream" for s in summaries):
         lines.append("* direct has no proxy: its cpu µs/req is the upstream nginx's")
-    return "\n".join(lines)
+    return "\n".join(lines + retaken_lines(summaries))
 
 
 def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
@@ -185,7 +203,7 @@ def fixed_rate_table(summaries: list[dict[str, Any]]) -> str:
             f"{_ms(lat['p90']):>8} {_ms(lat['p99']):>8} {_ms(lat['p99.9']):>9} "
             f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + retaken_lines(summaries))
 
 
 def latency_over(runs: list[SystemRuns], base_name: str, key: str) -> list[dict[str, Any]]:
@@ -222,7 +240,7 @@ def latency_over_table(summaries: list[dict[str, Any]], width: int, key: str) ->
             f"{_ms(lat['max']):>8} {s['slower_than_gap']:>6} {s['errors']:>7} "
             f"{_signed_ms(added.get('p50')):>8} {_signed_ms(added.get('p99')):>8}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + retaken_lines(summaries))
 
 
 def write_json(path: Path, document: dict[str, Any]) -> None:

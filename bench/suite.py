@@ -358,7 +358,13 @@ def measure_h2_saturation(
         if args.warmup:
             load._run(h2_saturation_command(url, args, args.warmup, load_pin, None), 60)
         command = h2_saturation_command(url, args, args.duration, load_pin, log)
-        result = run_h2_saturation(command, args.duration, log, system.cpu_service.cpu_seconds)
+        result = harness.retaken_for_steal(
+            args,
+            lambda: run_h2_saturation(command, args.duration, log, system.cpu_service.cpu_seconds),
+            runs,
+            round_index,
+            label,
+        )
     except (load.LoadError, OSError) as exc:
         runs.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
         print(f"{label} failed: {exc}", file=sys.stderr, flush=True)
@@ -367,7 +373,8 @@ def measure_h2_saturation(
     print(
         f"{label} {result.rps:>12,.0f} req/s  p50 {_ms(result.latency_us['p50'])} ms  p99 "
         f"{_ms(result.latency_us['p99'])} ms  errors {result.errors}  cpu "
-        f"{result.cpu_us_per_req} µs/req  cpu busy {result.cpu['busy_pct']}%",
+        f"{result.cpu_us_per_req} µs/req  cpu busy {result.cpu['busy_pct']}% "
+        f"steal {result.cpu['steal_pct']}%",
         flush=True,
     )
 
@@ -681,6 +688,8 @@ def throughput_table(blocks: list[dict[str, Any]]) -> str:
         " load: how busy the load generator's and upstream's core was (isolated mode), near"
         " 1.00 it set the pace, not the proxy"
     )
+    for block in blocks:
+        lines += [f"{block['label']}: {line}" for line in report.retaken_lines(block["systems"])]
     return "\n".join(lines)
 
 
@@ -702,7 +711,7 @@ def latency_table(summaries: list[dict[str, Any]]) -> str:
             + " ".join(f"{_signed_ms(added.get(p)):>10}" for p in PERCENTILES)
             + f" {s['slower_than_gap']:>5} {s['errors']:>6}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + report.retaken_lines(summaries))
 
 
 def print_mode(args: argparse.Namespace, mode: str, summary: dict[str, Any]) -> None:
@@ -749,6 +758,10 @@ def scenario_argv(args: argparse.Namespace, mode: str) -> list[str]:
         str(args.load_threads),
         "--rate-connections",
         str(args.rate_connections),
+        "--steal-limit",
+        f"{args.steal_limit:g}",
+        "--retakes",
+        str(args.retakes),
         *pin_argv(mode),
     ]
     return argv + (["--no-install"] if args.no_install else [])
@@ -1132,6 +1145,7 @@ def header(
         f"threads {args.threads}; wrk -t{args.load_threads} -c{args.connections}; h2load "
         f"-c{args.h2_connections} -m{args.h2_streams}; fixed rates over "
         f"{args.rate_connections} connections",
+        harness.steal_line(args),
     ]
     return lines + harness.header_warnings(machine, meshpy)
 

@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's bench/
 
-from bench import chart, load, peers, suite
+from bench import chart, harness, load, mesh, peers, report, suite
 from bench.report import SystemRuns
 
 TOOLS = ("nginx", "haproxy", "wrk", "h2load")
@@ -97,6 +97,65 @@ def test_h2_saturation_counts_2xx_over_h2loads_run_time(
     assert result.latency_us["p50"] == 5000.0 and result.latency_us["p99.9"] == 10000.0
     assert result.cpu_us_per_req == 10.0
     assert not log.exists()
+
+
+def test_the_suite_hands_its_steal_policy_to_the_mesh_and_filter_parts() -> None:
+    args = suite.parse_args(["--steal-limit", "5", "--retakes", "1"])
+    part = mesh.parse_args(suite.scenario_argv(args, "isolated"))
+    assert (part.steal_limit, part.retakes) == (5.0, 1)
+    header = suite.header(args, "python -m bench suite", report.machine_info(), None, None, {})
+    assert "more than 5% of the machine's CPU time" in "\n".join(header)
+
+
+# --------------------------------------------------------------------------- steal
+
+
+def stolen_run(steal_pct: float, rps: float) -> load.LoadResult:
+    run = wrk_result(rps, 10.0)
+    run.cpu = {"steal_pct": steal_pct}
+    return run
+
+
+@pytest.mark.parametrize(
+    ("retakes", "steals", "kept", "retaken"),
+    [
+        (2, [31.0, 12.0, 4.0], 2, [31.0, 12.0]),  # the first run under the limit is kept
+        (1, [31.0, 14.0, 4.0], 1, [31.0]),  # retakes spent: the least stolen is kept
+        (2, [14.0, 31.0, 25.0], 0, [31.0, 25.0]),
+        (0, [31.0], 0, []),  # --retakes 0 keeps every run
+        (2, [9.9], 0, []),
+    ],
+)
+def test_a_run_that_lost_cpu_time_to_steal_is_measured_again(
+    retakes: int, steals: list[float], kept: int, retaken: list[float]
+) -> None:
+    made = [stolen_run(steal, 1000.0 + i) for i, steal in enumerate(steals)]
+    measured: list[load.LoadResult] = []
+
+    def measure_once() -> load.LoadResult:
+        measured.append(made[len(measured)])
+        return measured[-1]
+
+    args = suite.parse_args(["--retakes", str(retakes)])
+    runs = SystemRuns("meshpy")
+    result = harness.retaken_for_steal(args, measure_once, runs, 1, "label")
+    assert result is made[kept]
+    assert [r["steal_pct"] for r in runs.retaken] == retaken
+    assert len(measured) == len(retaken) + 1  # each run measured is kept or listed
+    assert all(r["round"] == 2 for r in runs.retaken)
+
+
+def test_tables_name_the_runs_that_were_measured_again() -> None:
+    runs = SystemRuns("meshpy", [wrk_result(50000.0, 15.0)])
+    runs.retaken.append({"round": 3, "steal_pct": 31.5, "rps": 20000.0})
+    nginx = runs_of("nginx", [wrk_result(40000.0, 19.0)])
+    summaries = suite.summarize_throughput([runs, nginx], {})
+    assert summaries[0]["retaken"] == runs.retaken and summaries[1]["retaken"] == []
+    footnote = "measured again for steal: meshpy round 3 (31.5% stolen)"
+    table = suite.throughput_table([{"label": "HTTP/1.1 100 B", "systems": summaries}])
+    assert table.splitlines()[-1] == f"HTTP/1.1 100 B: {footnote}"
+    assert report.saturation_table([runs.summary(None, None)]).splitlines()[-1] == footnote
+    assert "measured again" not in report.saturation_table([nginx.summary(None, None)])
 
 
 # --------------------------------------------------------------------------- aggregation
