@@ -19,8 +19,8 @@ from bench.report import SystemRuns
 OUT_DIR = Path(__file__).resolve().parent / "out"
 REPO = Path(__file__).resolve().parent.parent
 BUSY_WARNING_PCT = 20.0
-# On a shared virtual machine whole runs lose a third of their CPU to other guests; such a
-# run measures the host, not the systems under test, so it is measured again.
+# On a shared virtual machine a whole run can lose a third of its CPU time to other guests;
+# such a run measures the host, not the systems under test, so it is measured again.
 STEAL_LIMIT_PCT = 10.0
 RETAKES = 2
 MESHPY_MISSING = (
