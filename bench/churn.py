@@ -298,6 +298,7 @@ def handshake_lines(
                 f"one-core capacity {report._rate(s['one_core_capacity_per_s'])} /s "
                 f"({meanings[pinning]})"
             )
+            lines += ["  " + line for line in mesh.retaken_handshake_lines(s)]
     target = handshake_target(handshakes)
     lines += [
         f"Target {target['target']}: measured one-core rate "

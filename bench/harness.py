@@ -218,8 +218,8 @@ def steal_line(args: argparse.Namespace) -> str:
         return "steal: runs are kept however much CPU time was stolen (--retakes 0)"
     return (
         f"steal: a run during which more than {args.steal_limit:g}% of the machine's CPU time "
-        f"was stolen is measured again, up to {args.retakes} times; the first run under the "
-        "limit is kept, else the least stolen"
+        f"was stolen is measured again, up to {args.retakes} time{'s' * (args.retakes > 1)}; "
+        "the first run under the limit is kept, else the least stolen"
     )
 
 
@@ -332,6 +332,28 @@ def still_running(
     return False
 
 
+def retake_while_stolen(
+    args: argparse.Namespace,
+    measure_once: Callable[[], T],
+    steal_pct: Callable[[T], float],
+    label: str,
+) -> tuple[T, list[T]]:
+    """``measure_once()``, measured again (up to ``args.retakes`` times) while the share of
+    CPU time stolen during the run is above ``args.steal_limit``: the run kept (the first
+    under the limit, else the least stolen) and the runs set aside."""
+    attempts = [measure_once()]
+    while steal_pct(attempts[-1]) > args.steal_limit and len(attempts) <= args.retakes:
+        print(
+            f"{label} measured again: {steal_pct(attempts[-1])}% of CPU time was stolen "
+            f"(limit {args.steal_limit:g}%)",
+            flush=True,
+        )
+        attempts.append(measure_once())
+    over = steal_pct(attempts[-1]) > args.steal_limit
+    kept = min(attempts, key=steal_pct) if over else attempts[-1]
+    return kept, [run for run in attempts if run is not kept]
+
+
 def retaken_for_steal(
     args: argparse.Namespace,
     measure_once: Callable[[], load.LoadResult],
@@ -339,22 +361,12 @@ def retaken_for_steal(
     round_index: int,
     label: str,
 ) -> load.LoadResult:
-    """``measure_once()``, measured again (up to ``args.retakes`` times) while the share of
-    CPU time stolen during the run is above ``args.steal_limit``. Keeps the first run under
-    the limit, else the least stolen; the others go in ``runs.retaken``."""
-    attempts = [measure_once()]
-    while _stolen(attempts[-1]) > args.steal_limit and len(attempts) <= args.retakes:
-        print(
-            f"{label} measured again: {_stolen(attempts[-1])}% of CPU time was stolen "
-            f"(limit {args.steal_limit:g}%)",
-            flush=True,
-        )
-        attempts.append(measure_once())
-    kept = min(attempts, key=_stolen) if _stolen(attempts[-1]) > args.steal_limit else attempts[-1]
+    """``retake_while_stolen`` for a wrk or h2load run; the runs set aside go in
+    ``runs.retaken``."""
+    kept, set_aside = retake_while_stolen(args, measure_once, _stolen, label)
     runs.retaken += [
         {"round": round_index + 1, "steal_pct": _stolen(run), "rps": round(run.rps, 1)}
-        for run in attempts
-        if run is not kept
+        for run in set_aside
     ]
     return kept
 

@@ -158,6 +158,24 @@ def test_tables_name_the_runs_that_were_measured_again() -> None:
     assert "measured again" not in report.saturation_table([nginx.summary(None, None)])
 
 
+def test_handshake_counts_measured_again_are_summed_up_and_named() -> None:
+    counts = [
+        {"handshakes_per_s": 3000.0, "b_cpu_us_per_handshake": 160.0, "retaken": []},
+        {
+            "handshakes_per_s": 3100.0,
+            "b_cpu_us_per_handshake": 150.0,
+            "retaken": [{"steal_pct": 24.5, "handshakes_per_s": 1900.0}],
+        },
+    ]
+    summary = mesh.summarize_handshakes(counts, [])
+    assert summary["retaken"] == [{"steal_pct": 24.5, "handshakes_per_s": 1900.0}]
+    args = mesh.parse_args([])
+    lines = mesh.handshake_lines(summary, args)
+    assert lines[-1] == "  measured again for steal: 1 count(s) (24.5% stolen)"
+    summary["retaken"] = []
+    assert "measured again" not in "\n".join(mesh.handshake_lines(summary, args))
+
+
 # --------------------------------------------------------------------------- aggregation
 
 
