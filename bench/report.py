@@ -159,9 +159,12 @@ def retaken_lines(summaries: list[dict[str, Any]]) -> list[str]:
     """A footnote naming the runs that were measured again because of steal, if any."""
     systems = []
     for s in summaries:
-        if retaken := s.get("retaken"):
-            runs = ", ".join(f"round {r['round']} ({r['steal_pct']:g}% stolen)" for r in retaken)
-            systems.append(f"{s['system']} {runs}")
+        by_round: dict[int, list[str]] = {}
+        for run in s.get("retaken") or []:
+            by_round.setdefault(run["round"], []).append(f"{run['steal_pct']:g}%")
+        if by_round:
+            rounds = (f"round {n} ({', '.join(steals)} stolen)" for n, steals in by_round.items())
+            systems.append(f"{s['system']} {', '.join(rounds)}")
     return ["measured again for steal: " + "; ".join(systems)] if systems else []
 
 

@@ -147,11 +147,13 @@ def test_a_run_that_lost_cpu_time_to_steal_is_measured_again(
 
 def test_tables_name_the_runs_that_were_measured_again() -> None:
     runs = SystemRuns("meshpy", [wrk_result(50000.0, 15.0)])
-    runs.retaken.append({"round": 3, "steal_pct": 31.5, "rps": 20000.0})
+    runs.retaken.append({"round": 1, "steal_pct": 31.5, "rps": 20000.0})
+    runs.retaken.append({"round": 1, "steal_pct": 12.0, "rps": 30000.0})
+    runs.retaken.append({"round": 3, "steal_pct": 22.0, "rps": 25000.0})
     nginx = runs_of("nginx", [wrk_result(40000.0, 19.0)])
     summaries = suite.summarize_throughput([runs, nginx], {})
     assert summaries[0]["retaken"] == runs.retaken and summaries[1]["retaken"] == []
-    footnote = "measured again for steal: meshpy round 3 (31.5% stolen)"
+    footnote = "measured again for steal: meshpy round 1 (31.5%, 12% stolen), round 3 (22% stolen)"
     table = suite.throughput_table([{"label": "HTTP/1.1 100 B", "systems": summaries}])
     assert table.splitlines()[-1] == f"HTTP/1.1 100 B: {footnote}"
     assert report.saturation_table([runs.summary(None, None)]).splitlines()[-1] == footnote
