@@ -197,7 +197,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     continue
                 pin = [] if pinning == UNPINNED else peers.pin_prefix(args.handshake_load_cpu)
                 command = tlsload_command(kind, sidecar.port, creds, args, pin)
-                result = mesh.measure_handshakes(args, sidecar, command, label)
+                result = mesh.measure_handshakes(args, sidecar, command, label, round_index)
                 if result is None:
                     failures.append(f"round {round_index + 1}: tlsload failed")
                 else:

@@ -363,16 +363,12 @@ def retaken_for_steal(
 ) -> load.LoadResult:
     """``retake_while_stolen`` for a wrk or h2load run; the runs set aside go in
     ``runs.retaken``."""
-    kept, set_aside = retake_while_stolen(args, measure_once, _stolen, label)
+    kept, set_aside = retake_while_stolen(args, measure_once, load.LoadResult.steal_pct, label)
     runs.retaken += [
-        {"round": round_index + 1, "steal_pct": _stolen(run), "rps": round(run.rps, 1)}
+        {"round": round_index + 1, "steal_pct": run.steal_pct(), "rps": round(run.rps, 1)}
         for run in set_aside
     ]
     return kept
-
-
-def _stolen(run: load.LoadResult) -> float:
-    return float(run.cpu.get("steal_pct", 0.0))
 
 
 def measure_saturation(

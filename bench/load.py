@@ -102,6 +102,10 @@ class LoadResult:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def steal_pct(self) -> float:
+        """The share of the machine's CPU time stolen during the run (0 if not recorded)."""
+        return float(self.cpu.get("steal_pct", 0.0))
+
 
 def _run(argv: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     try:

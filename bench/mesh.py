@@ -294,7 +294,7 @@ class HandshakesFailed(RuntimeError):
 
 
 def measure_handshakes(
-    args: argparse.Namespace, b: peers.Service, command: list[str], label: str
+    args: argparse.Namespace, b: peers.Service, command: list[str], label: str, round_index: int
 ) -> dict[str, Any] | None:
     """``count_handshakes``, measured again while too much CPU time was stolen (see
     ``harness.retake_while_stolen``); the runs set aside are listed in the kept one's
@@ -309,7 +309,11 @@ def measure_handshakes(
     except HandshakesFailed:
         return None
     kept["retaken"] = [
-        {"steal_pct": run["cpu"]["steal_pct"], "handshakes_per_s": run["handshakes_per_s"]}
+        {
+            "round": round_index + 1,
+            "steal_pct": run["cpu"]["steal_pct"],
+            "handshakes_per_s": run["handshakes_per_s"],
+        }
         for run in set_aside
     ]
     return kept
@@ -451,7 +455,7 @@ def run_benchmark(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     load_pin,
                     creds["a"],
                 )
-                result = measure_handshakes(args, mtls_b, command, label)
+                result = measure_handshakes(args, mtls_b, command, label, round_index)
                 if result is None:
                     handshake_failures.append(f"round {round_index + 1}: tlsload failed")
                 else:
@@ -527,10 +531,7 @@ def summarize_handshakes(results: list[dict[str, Any]], failures: list[str]) -> 
 def retaken_handshake_lines(summary: dict[str, Any]) -> list[str]:
     """A footnote naming the handshake counts that were measured again because of steal."""
     retaken = summary.get("retaken")
-    if not retaken:
-        return []
-    stolen = ", ".join(f"{run['steal_pct']:g}%" for run in retaken)
-    return [f"  measured again for steal: {len(retaken)} count(s) ({stolen} stolen)"]
+    return [f"  measured again for steal: {report.retaken_rounds(retaken)}"] if retaken else []
 
 
 # --------------------------------------------------------------------------- tables

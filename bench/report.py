@@ -116,7 +116,7 @@ class SystemRuns:
             "ratio_to_direct": round(median_rps / baseline_rps, 3) if baseline_rps else None,
             "latency_us_median": latency,
             "errors": sum(run.errors for run in self.runs),
-            "steal_pct_max": max(run.cpu.get("steal_pct", 0.0) for run in self.runs),
+            "steal_pct_max": max(run.steal_pct() for run in self.runs),
             "retaken": self.retaken,
             "failures": self.failures,
         }
@@ -155,16 +155,20 @@ def _cpu(summary: dict[str, Any]) -> str:
     return f"{us:.1f}" + ("*" if summary["cpu_of"] == "upstream" else "")
 
 
+def retaken_rounds(retaken: list[dict[str, Any]]) -> str:
+    """Runs set aside for steal ({"round", "steal_pct", ...}), by round: ``round 1 (31.5%,
+    12% stolen), round 3 (22% stolen)``."""
+    by_round: dict[int, list[str]] = {}
+    for run in retaken:
+        by_round.setdefault(run["round"], []).append(f"{run['steal_pct']:g}%")
+    return ", ".join(f"round {n} ({', '.join(steals)} stolen)" for n, steals in by_round.items())
+
+
 def retaken_lines(summaries: list[dict[str, Any]]) -> list[str]:
     """A footnote naming the runs that were measured again because of steal, if any."""
-    systems = []
-    for s in summaries:
-        by_round: dict[int, list[str]] = {}
-        for run in s.get("retaken") or []:
-            by_round.setdefault(run["round"], []).append(f"{run['steal_pct']:g}%")
-        if by_round:
-            rounds = (f"round {n} ({', '.join(steals)} stolen)" for n, steals in by_round.items())
-            systems.append(f"{s['system']} {', '.join(rounds)}")
+    systems = [
+        f"{s['system']} {retaken_rounds(s['retaken'])}" for s in summaries if s.get("retaken")
+    ]
     return ["measured again for steal: " + "; ".join(systems)] if systems else []
 
 

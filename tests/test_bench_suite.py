@@ -166,14 +166,14 @@ def test_handshake_counts_measured_again_are_summed_up_and_named() -> None:
         {
             "handshakes_per_s": 3100.0,
             "b_cpu_us_per_handshake": 150.0,
-            "retaken": [{"steal_pct": 24.5, "handshakes_per_s": 1900.0}],
+            "retaken": [{"round": 2, "steal_pct": 24.5, "handshakes_per_s": 1900.0}],
         },
     ]
     summary = mesh.summarize_handshakes(counts, [])
-    assert summary["retaken"] == [{"steal_pct": 24.5, "handshakes_per_s": 1900.0}]
+    assert summary["retaken"] == [{"round": 2, "steal_pct": 24.5, "handshakes_per_s": 1900.0}]
     args = mesh.parse_args([])
     lines = mesh.handshake_lines(summary, args)
-    assert lines[-1] == "  measured again for steal: 1 count(s) (24.5% stolen)"
+    assert lines[-1] == "  measured again for steal: round 2 (24.5% stolen)"
     summary["retaken"] = []
     assert "measured again" not in "\n".join(mesh.handshake_lines(summary, args))
 
