@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 import socket
@@ -126,6 +127,34 @@ def test_the_shipped_examples_validate_from_the_repository_root():
     assert done.stdout.count(": ok (") == len(files)
 
 
+def imported_modules(importtime_stderr: str) -> set[str]:
+    return {
+        line.rpartition("|")[2].strip()
+        for line in importtime_stderr.splitlines()
+        if line.startswith("import")
+    }
+
+
+def test_version_is_the_installed_distributions():
+    done = run("--version")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"meshpy {importlib.metadata.version('meshpy')}\n"
+
+
+def test_commands_do_not_look_up_the_version_unless_asked():
+    """Finding the version imports importlib.metadata (about 4 MB of RSS): `meshpy ca` does not."""
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "meshpy", "ca", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    imported = imported_modules(done.stderr)
+    assert "meshpy.cli" in imported
+    assert "importlib.metadata" not in imported
+
+
 def test_a_plain_sidecar_imports_neither_cryptography_nor_the_agent(tmp_path):
     """Without identity or control plane, a sidecar does not carry their modules' RSS."""
     path = write(tmp_path, good_config())
@@ -138,9 +167,7 @@ def test_a_plain_sidecar_imports_neither_cryptography_nor_the_agent(tmp_path):
         proc.terminate()
         _, stderr = proc.communicate(timeout=30)
     assert ready.startswith("meshpy proxy ready:"), stderr
-    imported = {
-        line.rpartition("|")[2].strip() for line in stderr.splitlines() if line.startswith("import")
-    }
+    imported = imported_modules(stderr)
     assert "meshpy.proxy" in imported
     unneeded = {"cryptography", "httpx", "meshpy.agent", "meshpy.ca", "meshpy.testing"}
     assert not unneeded & imported

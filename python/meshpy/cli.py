@@ -10,7 +10,6 @@ from pathlib import Path
 
 import yaml
 
-from . import __version__
 from .cli_mesh import add_mesh_commands
 from .errors import ConfigError, MeshpyError
 
@@ -25,6 +24,21 @@ _LOG_LEVELS = {
     "debug": logging.DEBUG,
     "trace": logging.DEBUG,
 }
+
+
+class _VersionAction(argparse.Action):
+    """``--version``, looked up only when asked for: finding it imports importlib.metadata."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **_: object) -> None:
+        super().__init__(
+            option_strings, dest, nargs=0, default=argparse.SUPPRESS, help="print the version"
+        )
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import __version__
+
+        print(f"meshpy {__version__}")
+        parser.exit()
 
 
 def _duration(text: str) -> float:
@@ -284,7 +298,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="meshpy", description="A service mesh with a Rust data plane, driven from Python."
     )
-    parser.add_argument("--version", action="version", version=f"meshpy {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(metavar="COMMAND", required=True)
 
     def add_log_level(command: argparse.ArgumentParser) -> None:
