@@ -55,6 +55,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="also measure latency at this fixed total req/s with h2load (default 0: skip)",
     )
     harness.add_rate_connections_argument(parser)
+    harness.add_latency_steal_limit_argument(parser)
     harness.add_pin_arguments(parser, "the proxy under test")
     harness.add_output_arguments(
         parser, "results-<timestamp>.json", "only say what to install if a tool is missing"

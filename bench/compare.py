@@ -31,6 +31,7 @@ COMPARED_SETTINGS = (
     "rate_connections",
     "path",
     "steal_limit",
+    "latency_steal_limit",
     "retakes",
 )
 COMPARED_MACHINE = ("cpu_model", "nproc", "kernel")

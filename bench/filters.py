@@ -104,6 +104,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         f"rate (default {','.join(f'{r:g}' for r in DEFAULT_RATES)}; 0 skips them)",
     )
     harness.add_rate_connections_argument(parser)
+    harness.add_latency_steal_limit_argument(parser)
     harness.add_pin_arguments(parser, "meshpy and mitmproxy")
     parser.add_argument(
         "--mitmproxy-python",

@@ -67,6 +67,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="fixed total req/s for the latency runs with h2load (default 1000; 0 skips them)",
     )
     harness.add_rate_connections_argument(parser)
+    harness.add_latency_steal_limit_argument(parser)
     parser.add_argument(
         "--handshake-seconds",
         type=int,
@@ -305,6 +306,7 @@ def measure_handshakes(
             lambda: count_handshakes(args, b, command, label),
             lambda run: float(run["cpu"]["steal_pct"]),
             label,
+            args.steal_limit,
         )
     except HandshakesFailed:
         return None

@@ -184,6 +184,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="h2load connections of the fixed-rate runs (default 50, as many as wrk's, so a "
         "rate near a proxy's saturation is reachable)",
     )
+    harness.add_latency_steal_limit_argument(parser)
     parser.add_argument(
         "--mitmproxy-python",
         default=default_mitmproxy_python(),
@@ -364,6 +365,7 @@ def measure_h2_saturation(
             runs,
             round_index,
             label,
+            args.steal_limit,
         )
     except (load.LoadError, OSError) as exc:
         runs.failures.append(f"round {round_index + 1}: {str(exc).splitlines()[0]}")
@@ -760,6 +762,8 @@ def scenario_argv(args: argparse.Namespace, mode: str) -> list[str]:
         str(args.rate_connections),
         "--steal-limit",
         f"{args.steal_limit:g}",
+        "--latency-steal-limit",
+        f"{args.latency_steal_limit:g}",
         "--retakes",
         str(args.retakes),
         *pin_argv(mode),
@@ -869,6 +873,7 @@ def run_optional(args: argparse.Namespace, name: str) -> dict[str, Any]:
     argv += ["-c", str(args.connections)] + (["--keep-tmp"] if args.keep_tmp else [])
     if name == "churn":
         argv += ["--rounds", str(args.rounds), "--warmup", f"{args.warmup:g}"]
+        argv += ["--steal-limit", f"{args.steal_limit:g}", "--retakes", str(args.retakes)]
     argv += QUICK_PART_ARGS.get(name, []) if args.quick else []
     command = shlex.join(["python", "-m", "bench", name, *argv])
     print(f"\n{name}: {command}", flush=True)

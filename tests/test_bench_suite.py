@@ -18,7 +18,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository's bench/
 
-from bench import chart, harness, load, mesh, peers, report, suite
+from bench import chart, churn, harness, load, mesh, peers, report, suite
 from bench.report import SystemRuns
 
 TOOLS = ("nginx", "haproxy", "wrk", "h2load")
@@ -100,11 +100,23 @@ def test_h2_saturation_counts_2xx_over_h2loads_run_time(
 
 
 def test_the_suite_hands_its_steal_policy_to_the_mesh_and_filter_parts() -> None:
-    args = suite.parse_args(["--steal-limit", "5", "--retakes", "1"])
+    argv = ["--steal-limit", "5", "--latency-steal-limit", "0.5", "--retakes", "1"]
+    args = suite.parse_args(argv)
     part = mesh.parse_args(suite.scenario_argv(args, "isolated"))
-    assert (part.steal_limit, part.retakes) == (5.0, 1)
-    header = suite.header(args, "python -m bench suite", report.machine_info(), None, None, {})
-    assert "more than 5% of the machine's CPU time" in "\n".join(header)
+    assert (part.steal_limit, part.latency_steal_limit, part.retakes) == (5.0, 0.5, 1)
+    header = "\n".join(
+        suite.header(args, "python -m bench suite", report.machine_info(), None, None, {})
+    )
+    assert "more than 5% of the machine's CPU time was stolen (0.5% for a fixed-rate run)" in header
+
+
+def test_the_suite_hands_its_steal_policy_to_the_churn_part(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    handed: list[Any] = []
+    monkeypatch.setattr(churn, "measure", lambda args, command: handed.append(args) or {})
+    suite.run_optional(suite.parse_args(["--steal-limit", "5", "--retakes", "1"]), "churn")
+    assert (handed[0].steal_limit, handed[0].retakes) == (5.0, 1)
 
 
 # --------------------------------------------------------------------------- steal
@@ -138,11 +150,46 @@ def test_a_run_that_lost_cpu_time_to_steal_is_measured_again(
 
     args = suite.parse_args(["--retakes", str(retakes)])
     runs = SystemRuns("meshpy")
-    result = harness.retaken_for_steal(args, measure_once, runs, 1, "label")
+    result = harness.retaken_for_steal(args, measure_once, runs, 1, "label", args.steal_limit)
     assert result is made[kept]
     assert [r["steal_pct"] for r in runs.retaken] == retaken
+    assert all(r["p99_us"] == 2000.0 for r in runs.retaken)  # what was set aside, on record
     assert len(measured) == len(retaken) + 1  # each run measured is kept or listed
     assert all(r["round"] == 2 for r in runs.retaken)
+
+
+def test_fixed_rate_runs_are_held_to_the_lower_steal_limit(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """1.5% stolen: under --steal-limit, so a saturation run stands, but over
+    --latency-steal-limit, so a fixed-rate run is measured again."""
+    steals = iter([1.5, 0.4])
+
+    def h2load(*_: Any) -> load.LoadResult:
+        run = rate_result(1000.0, 2000.0)
+        run.cpu = {"busy_pct": 50.0, "steal_pct": next(steals)}
+        return run
+
+    def wrk(*_: Any) -> load.LoadResult:
+        run = wrk_result(50000.0, 15.0)
+        run.cpu = {"busy_pct": 90.0, "steal_pct": 1.5}
+        return run
+
+    monkeypatch.setattr(load, "run_h2load", h2load)
+    monkeypatch.setattr(load, "run_wrk", wrk)
+    args = suite.parse_args(["--retakes", "2"])
+    upstream = peers.Service("upstream", 1, [], tmp_path)
+    system = peers.System("meshpy", 1, upstream)
+    fixed_rate, saturation = SystemRuns("meshpy"), SystemRuns("meshpy")
+    harness.measure_fixed_rate(
+        args, system, "http://x/", 0, 1000.0, [], tmp_path, fixed_rate, (), "label"
+    )
+    assert [run.steal_pct() for run in fixed_rate.runs] == [0.4]
+    assert fixed_rate.retaken == [{"round": 1, "steal_pct": 1.5, "rps": 1000.0, "p99_us": 2000.0}]
+    harness.measure_saturation(
+        args, system, "http://x/", 0, tmp_path / "report.lua", [], saturation, (), "label"
+    )
+    assert [run.steal_pct() for run in saturation.runs] == [1.5] and saturation.retaken == []
 
 
 def test_tables_name_the_runs_that_were_measured_again() -> None:
