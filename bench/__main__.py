@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import churn, compare, filters, harness, load, memory, mesh, peers, report, suite
+from bench import churn, compare, filters, harness, load, memory, mesh, peers, report, steal, suite
 from bench.harness import describe_meshpy, measure, start_service
 from bench.report import SystemRuns
 
@@ -31,7 +31,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "second; `python -m bench suite` runs every scenario in interleaved rounds, in shared "
         "and isolated CPU modes, with medians, spreads, the performance targets as a checklist "
         "and PNG charts (see `python -m bench suite --help`); `python -m bench compare BEFORE.json "
-        "AFTER.json` compares two result files of the same kind.",
+        "AFTER.json` compares two result files of the same kind; `python -m bench steal "
+        "SUITE.json...` shows how the p99 of fixed-rate runs moved with the CPU time stolen "
+        "during them.",
     )
     parser.add_argument(
         "--systems",
@@ -191,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return churn.main(argv[1:])
     if argv[:1] == ["compare"]:
         return compare.main(argv[1:])
+    if argv[:1] == ["steal"]:
+        return steal.main(argv[1:])
     args = parse_args(argv)
     command_line = shlex.join(["python", "-m", "bench", *argv])
     harness.handle_signals()
