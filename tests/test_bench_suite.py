@@ -192,6 +192,38 @@ def test_fixed_rate_runs_are_held_to_the_lower_steal_limit(
     assert [run.steal_pct() for run in saturation.runs] == [1.5] and saturation.retaken == []
 
 
+def test_http2_saturation_runs_are_measured_again_for_steal(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    steals = iter([12.0, 3.0])
+
+    def h2load(*_: Any) -> load.LoadResult:
+        run = wrk_result(40000.0, 20.0)
+        run.cpu = {"busy_pct": 90.0, "steal_pct": next(steals)}
+        return run
+
+    monkeypatch.setattr(suite, "run_h2_saturation", h2load)
+    args = suite.parse_args(["--warmup", "0"])
+    system = peers.System("meshpy", 1, peers.Service("upstream", 1, [], tmp_path))
+    runs = SystemRuns("meshpy")
+    suite.measure_h2_saturation(args, system, "http://x/", 1, [], tmp_path, runs, "label")
+    assert [run.steal_pct() for run in runs.runs] == [3.0]
+    assert [r["steal_pct"] for r in runs.retaken] == [12.0]
+
+
+def test_handshake_counts_are_measured_again_for_steal(monkeypatch: pytest.MonkeyPatch) -> None:
+    counts = iter([(25.0, 1900.0), (2.0, 3100.0)])
+
+    def count(*_: Any) -> dict[str, Any]:
+        steal_pct, rate = next(counts)
+        return {"cpu": {"steal_pct": steal_pct}, "handshakes_per_s": rate}
+
+    monkeypatch.setattr(mesh, "count_handshakes", count)
+    kept = mesh.measure_handshakes(mesh.parse_args([]), None, [], "label", 0)
+    assert kept is not None and kept["handshakes_per_s"] == 3100.0
+    assert kept["retaken"] == [{"round": 1, "steal_pct": 25.0, "handshakes_per_s": 1900.0}]
+
+
 def test_tables_name_the_runs_that_were_measured_again() -> None:
     runs = SystemRuns("meshpy", [wrk_result(50000.0, 15.0)])
     runs.retaken.append({"round": 1, "steal_pct": 31.5, "rps": 20000.0})
