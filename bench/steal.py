@@ -61,7 +61,7 @@ def p99_ratios(document: dict[str, Any]) -> Iterator[tuple[float, float]]:
                     yield steal, p99 / median
 
 
-def band_label(upper: float, lower: float) -> str:
+def band_label(lower: float, upper: float) -> str:
     if lower == 0:
         return f"under {upper:g}%"
     if upper == float("inf"):
@@ -70,22 +70,16 @@ def band_label(upper: float, lower: float) -> str:
 
 
 def table(ratios: list[tuple[float, float]]) -> str:
-    lines = [
-        f"{'stolen':<12} {'runs':>5} {'median p99 ratio':>17} {'over ' + f'{INFLATED:g}x':>9}",
-        "-" * 46,
-    ]
-    lower = 0.0
-    for upper in BANDS:
+    over_heading = f"over {INFLATED:g}x"
+    lines = [f"{'stolen':<12} {'runs':>5} {'median p99 ratio':>17} {over_heading:>9}", "-" * 46]
+    for lower, upper in zip((0.0, *BANDS), BANDS, strict=False):
         band = [ratio for steal, ratio in ratios if lower <= steal < upper]
-        if band:
-            over = sum(ratio > INFLATED for ratio in band) / len(band)
-            median = statistics.median(band)
-            lines.append(
-                f"{band_label(upper, lower):<12} {len(band):>5} {median:>17.2f} {over:>9.0%}"
-            )
-        else:
-            lines.append(f"{band_label(upper, lower):<12} {0:>5} {'-':>17} {'-':>9}")
-        lower = upper
+        label = f"{band_label(lower, upper):<12} {len(band):>5}"
+        if not band:
+            lines.append(f"{label} {'-':>17} {'-':>9}")
+            continue
+        over = sum(ratio > INFLATED for ratio in band) / len(band)
+        lines.append(f"{label} {statistics.median(band):>17.2f} {over:>9.0%}")
     return "\n".join(lines)
 
 

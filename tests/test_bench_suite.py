@@ -122,10 +122,13 @@ def test_the_suite_hands_its_steal_policy_to_the_churn_part(
 # --------------------------------------------------------------------------- steal
 
 
-def stolen_run(steal_pct: float, rps: float) -> load.LoadResult:
-    run = wrk_result(rps, 10.0)
-    run.cpu = {"steal_pct": steal_pct}
+def stolen(run: load.LoadResult, steal_pct: float) -> load.LoadResult:
+    run.cpu = {"busy_pct": 90.0, "steal_pct": steal_pct}
     return run
+
+
+def stolen_run(steal_pct: float, rps: float) -> load.LoadResult:
+    return stolen(wrk_result(rps, 10.0), steal_pct)
 
 
 @pytest.mark.parametrize(
@@ -164,19 +167,8 @@ def test_fixed_rate_runs_are_held_to_the_lower_steal_limit(
     """1.5% stolen: under --steal-limit, so a saturation run stands, but over
     --latency-steal-limit, so a fixed-rate run is measured again."""
     steals = iter([1.5, 0.4])
-
-    def h2load(*_: Any) -> load.LoadResult:
-        run = rate_result(1000.0, 2000.0)
-        run.cpu = {"busy_pct": 50.0, "steal_pct": next(steals)}
-        return run
-
-    def wrk(*_: Any) -> load.LoadResult:
-        run = wrk_result(50000.0, 15.0)
-        run.cpu = {"busy_pct": 90.0, "steal_pct": 1.5}
-        return run
-
-    monkeypatch.setattr(load, "run_h2load", h2load)
-    monkeypatch.setattr(load, "run_wrk", wrk)
+    monkeypatch.setattr(load, "run_h2load", lambda *_: stolen(rate_result(1e3, 2e3), next(steals)))
+    monkeypatch.setattr(load, "run_wrk", lambda *_: stolen_run(1.5, 50000.0))
     args = suite.parse_args(["--retakes", "2"])
     upstream = peers.Service("upstream", 1, [], tmp_path)
     system = peers.System("meshpy", 1, upstream)
@@ -196,13 +188,7 @@ def test_http2_saturation_runs_are_measured_again_for_steal(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     steals = iter([12.0, 3.0])
-
-    def h2load(*_: Any) -> load.LoadResult:
-        run = wrk_result(40000.0, 20.0)
-        run.cpu = {"busy_pct": 90.0, "steal_pct": next(steals)}
-        return run
-
-    monkeypatch.setattr(suite, "run_h2_saturation", h2load)
+    monkeypatch.setattr(suite, "run_h2_saturation", lambda *_: stolen_run(next(steals), 4e4))
     args = suite.parse_args(["--warmup", "0"])
     system = peers.System("meshpy", 1, peers.Service("upstream", 1, [], tmp_path))
     runs = SystemRuns("meshpy")
