@@ -58,6 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     harness.add_rate_connections_argument(parser)
     harness.add_latency_steal_limit_argument(parser)
+    harness.add_latency_load_argument(parser)
     harness.add_pin_arguments(parser, "the proxy under test")
     harness.add_output_arguments(
         parser, "results-<timestamp>.json", "only say what to install if a tool is missing"
@@ -201,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         peers.ensure_tools(install=not args.no_install)
+        harness.build_latency_load(args)
     except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -234,11 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(report.saturation_table(saturation))
     if fixed_rate:
+        load_name, gap_note = harness.fixed_rate_load(args)
         print()
         print(
-            f"Latency at a fixed {args.rate:g} req/s (h2load, {args.rate_connections} connections, "
-            f"medians over {args.rounds} round(s); >gap counts responses slow enough to delay "
-            "the next request):"
+            f"Latency at a fixed {args.rate:g} req/s ({load_name}, {args.rate_connections} "
+            f"connections, medians over {args.rounds} round(s); {gap_note}):"
         )
         print(report.fixed_rate_table(fixed_rate))
 

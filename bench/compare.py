@@ -32,6 +32,7 @@ COMPARED_SETTINGS = (
     "path",
     "steal_limit",
     "latency_steal_limit",
+    "latency_load",
     "retakes",
 )
 COMPARED_MACHINE = ("cpu_model", "nproc", "kernel")

@@ -105,6 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     harness.add_rate_connections_argument(parser)
     harness.add_latency_steal_limit_argument(parser)
+    harness.add_latency_load_argument(parser)
     harness.add_pin_arguments(parser, "meshpy and mitmproxy")
     parser.add_argument(
         "--mitmproxy-python",
@@ -563,6 +564,7 @@ def main(argv: list[str]) -> int:
 
     try:
         peers.ensure_tools(install=not args.no_install)
+        harness.build_latency_load(args)
         mitmdump = None
         if MITMPROXY in args.names:
             mitmdump = ensure_mitmproxy(
@@ -599,12 +601,13 @@ def main(argv: list[str]) -> int:
         f"req/s over {NO_FILTER}'s / mitmproxy's; cpu +µs: over {NO_FILTER}'s):"
     )
     print(saturation_table(saturation))
+    load_name, gap_note = harness.fixed_rate_load(args)
     for rate, summaries in fixed_rate.items():
         print()
         print(
-            f"Latency at a fixed {rate:g} req/s (h2load, {args.rate_connections} "
+            f"Latency at a fixed {rate:g} req/s ({load_name}, {args.rate_connections} "
             f"connections, medians over {args.rounds} round(s); +p50/+p99: over {NO_FILTER}'s; "
-            ">gap counts responses slow enough to delay the next request):"
+            f"{gap_note}):"
         )
         print(fixed_rate_table(summaries))
         for line in unsustained(rate, summaries):

@@ -110,6 +110,38 @@ def add_latency_steal_limit_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+LATENCY_LOADS = ("h2load", "open")
+
+
+def add_latency_load_argument(parser: argparse.ArgumentParser) -> None:
+    """For the scenarios with fixed-rate runs: which client sends the fixed rate."""
+    parser.add_argument(
+        "--latency-load",
+        choices=LATENCY_LOADS,
+        default="h2load",
+        help="load of the fixed-rate runs: h2load --rps (default; every connection's timer "
+        "fires at once, so requests arrive in bursts of one per connection) or open "
+        "(bench/openload: requests 1/rate apart, each timed from when it fell due)",
+    )
+
+
+def build_latency_load(args: argparse.Namespace) -> None:
+    """Builds meshpy-openload if the fixed-rate runs use it: before any measurement."""
+    if getattr(args, "latency_load", "h2load") == "open":
+        peers.openload_binary()
+
+
+def fixed_rate_load(args: argparse.Namespace) -> tuple[str, str]:
+    """The fixed-rate tables' name for their load, and what their >gap column counts."""
+    if args.latency_load == "open":
+        return (
+            "meshpy-openload HTTP/1.1, requests evenly spaced",
+            ">gap counts requests that went out more than one connection's gap after they fell "
+            "due, a wait their latency includes",
+        )
+    return "h2load HTTP/1.1", ">gap counts responses slow enough to delay the next request"
+
+
 def add_pin_arguments(
     parser: argparse.ArgumentParser, proxy_help: str, load_help: str = "wrk/h2load"
 ) -> None:
@@ -453,25 +485,38 @@ def measure_fixed_rate(
     headers: Sequence[str],
     label: str,
 ) -> None:
-    """h2load at ``rate`` req/s over ``args.rate_connections`` connections."""
-    log_file = root / f"h2load-{system.name}-{round_index}-{rate:g}.log"
-    command = load.h2load_command(
-        url,
-        args.load_threads,
-        args.rate_connections,
-        args.duration,
-        args.warmup,
-        rate,
-        log_file,
-        load_pin,
-        headers,
-    )
+    """``rate`` req/s over ``args.rate_connections`` connections, from ``--latency-load``."""
+    log_file = root / f"{args.latency_load}-{system.name}-{round_index}-{rate:g}.log"
+    if args.latency_load == "open":
+        command = load.openload_command(
+            peers.openload_binary(),
+            url,
+            args.rate_connections,
+            args.duration,
+            args.warmup,
+            rate,
+            log_file,
+            load_pin,
+            headers,
+        )
+        run = load.run_openload
+    else:
+        command = load.h2load_command(
+            url,
+            args.load_threads,
+            args.rate_connections,
+            args.duration,
+            args.warmup,
+            rate,
+            log_file,
+            load_pin,
+            headers,
+        )
+        run = load.run_h2load
     try:
         result = retaken_for_steal(
             args,
-            lambda: load.run_h2load(
-                command, args.duration, args.warmup, rate, args.rate_connections, log_file
-            ),
+            lambda: run(command, args.duration, args.warmup, rate, args.rate_connections, log_file),
             fixed_rate,
             round_index,
             label,

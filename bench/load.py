@@ -224,6 +224,37 @@ def h2load_command(
     ]
 
 
+def openload_command(
+    binary: Path,
+    url: str,
+    connections: int,
+    duration: float,
+    warmup: float,
+    rate: float,
+    log_file: Path,
+    pin: list[str],
+    headers: Sequence[str] = (),
+) -> list[str]:
+    """meshpy-openload over HTTP/1.1: ``rate`` requests/s in total, ``1/rate`` apart."""
+    return [
+        *pin,
+        str(binary),
+        "--url",
+        url,
+        "--rate",
+        f"{rate:g}",
+        "--connections",
+        str(connections),
+        "--duration",
+        f"{duration:g}",
+        "--warmup",
+        f"{warmup:g}",
+        "--log-file",
+        str(log_file),
+        *(arg for header in headers for arg in ("--header", header)),
+    ]
+
+
 _REQUESTS_RE = re.compile(
     r"requests: (?P<total>\d+) total, (?P<started>\d+) started, (?P<done>\d+) done, "
     r"(?P<succeeded>\d+) succeeded, (?P<failed>\d+) failed, (?P<errored>\d+) errored, "
@@ -266,6 +297,53 @@ def percentile(sorted_values: list[float], pct: float) -> float:
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
+def latency_percentiles(latencies: list[float]) -> dict[str, float]:
+    """mean, p50, p90, p99, p99.9 and max (µs) of an ascending list."""
+    n = len(latencies)
+    return {
+        "mean": round(sum(latencies) / n, 1) if n else 0.0,
+        **{p: percentile(latencies, float(p[1:])) for p in ("p50", "p90", "p99", "p99.9")},
+        "max": latencies[-1] if n else 0.0,
+    }
+
+
+def run_openload(
+    argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
+) -> LoadResult:
+    """Runs meshpy-openload; its log has h2load's format, its latencies run from due times."""
+    start = CpuSample.now()
+    done = _run(argv, timeout=duration + warmup + 60)
+    cpu = CpuSample.now().usage_since(start)
+    try:
+        summary = json.loads(done.stdout)
+    except json.JSONDecodeError as exc:
+        raise LoadError(f"meshpy-openload printed no summary: {done.stdout[:200]!r}") from exc
+    latencies, bad_status = parse_h2load_log(log_file.read_text())
+    log_file.unlink()
+    latencies.sort()
+    # Nothing waits uncounted here; what >gap counts instead is the requests that went out
+    # more than one connection's gap after they fell due, a wait their latency includes.
+    gap_us = 1e6 * connections / rate
+    n = len(latencies)
+    return LoadResult(
+        tool="openload",
+        command=argv,
+        requests=n,
+        duration_s=duration,
+        rps=round(n / duration, 1),
+        # The log holds the failed requests too (status -1); the unanswered never started one.
+        errors=summary["unanswered"] + bad_status,
+        latency_us=latency_percentiles(latencies),
+        cpu=cpu,
+        extra={
+            "target_rps": rate,
+            "gap_us": round(gap_us, 1),
+            "slower_than_gap": summary["late_starts"],
+            "openload": summary,
+        },
+    )
+
+
 def run_h2load(
     argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
 ) -> LoadResult:
@@ -290,14 +368,7 @@ def run_h2load(
         duration_s=duration,
         rps=round(n / duration, 1),
         errors=summary["failed"] + summary["errored"] + summary["timeout"] + bad_status,
-        latency_us={
-            "mean": round(sum(latencies) / n, 1) if n else 0.0,
-            "p50": percentile(latencies, 50),
-            "p90": percentile(latencies, 90),
-            "p99": percentile(latencies, 99),
-            "p99.9": percentile(latencies, 99.9),
-            "max": latencies[-1] if n else 0.0,
-        },
+        latency_us=latency_percentiles(latencies),
         cpu=cpu,
         extra={
             "target_rps": rate,

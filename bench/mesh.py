@@ -68,6 +68,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     harness.add_rate_connections_argument(parser)
     harness.add_latency_steal_limit_argument(parser)
+    harness.add_latency_load_argument(parser)
     parser.add_argument(
         "--handshake-seconds",
         type=int,
@@ -630,6 +631,7 @@ def main(argv: list[str]) -> int:
 
     try:
         peers.ensure_tools(install=not args.no_install)
+        harness.build_latency_load(args)
         if args.handshake_seconds:
             peers.tlsload_binary()
     except (peers.PeerError, subprocess.CalledProcessError, OSError) as exc:
@@ -663,11 +665,12 @@ def main(argv: list[str]) -> int:
     )
     print(saturation_table(saturation))
     if fixed_rate:
+        load_name, gap_note = harness.fixed_rate_load(args)
         print()
         print(
-            f"Latency at a fixed {args.rate:g} req/s (h2load, {args.rate_connections} "
+            f"Latency at a fixed {args.rate:g} req/s ({load_name}, {args.rate_connections} "
             f"connections, medians over {args.rounds} round(s); +p50/+p99: over "
-            f"{TWO_PLAIN}'s; >gap counts responses slow enough to delay the next request):"
+            f"{TWO_PLAIN}'s; {gap_note}):"
         )
         print(fixed_rate_table(fixed_rate))
     if args.handshake_seconds and TWO_MTLS in args.names:

@@ -34,6 +34,7 @@ TOOLS: dict[str, str] = {
 
 SYSTEMS = ("direct", "meshpy", "nginx", "haproxy")
 TLSLOAD_PACKAGE = "meshpy-tlsload"  # bench/tlsload: the TLS handshake client
+OPENLOAD_PACKAGE = "meshpy-openload"  # bench/openload: evenly spaced HTTP/1.1 requests
 
 
 class PeerError(RuntimeError):
@@ -77,22 +78,37 @@ def tlsload_binary() -> Path:
     core (s_time runs one connection at a time, wrk resumes sessions), so the handshake
     measurements use this rustls client.
     """
+    return _bench_binary(TLSLOAD_PACKAGE)
+
+
+def openload_binary() -> Path:
+    """``bench/openload``, the evenly spaced load of ``--latency-load open``; its path.
+
+    h2load ``--rps`` starts every connection's timer at once, so its requests arrive in
+    bursts of one per connection; this client sends them ``1/rate`` apart.
+    """
+    return _bench_binary(OPENLOAD_PACKAGE)
+
+
+@functools.cache
+def _bench_binary(package: str) -> Path:
+    """A package of the workspace built in release mode, once per process; its executable."""
     if shutil.which("cargo") is None:
         raise PeerError(
-            "cargo is needed to build bench/tlsload, the TLS handshake client (https://rustup.rs)"
+            f"cargo is needed to build {package}, a load client of the bench (https://rustup.rs)"
         )
     repo = Path(__file__).resolve().parent.parent
-    command = ["cargo", "build", "--release", "-p", TLSLOAD_PACKAGE, "--message-format", "json"]
-    print(f"building {TLSLOAD_PACKAGE} (cargo build --release) ...", flush=True)
+    command = ["cargo", "build", "--release", "-p", package, "--message-format", "json"]
+    print(f"building {package} (cargo build --release) ...", flush=True)
     done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
     if done.returncode != 0:
-        raise PeerError(f"building bench/tlsload failed:\n{done.stderr[-3000:]}")
+        raise PeerError(f"building {package} failed:\n{done.stderr[-3000:]}")
     for line in done.stdout.splitlines():
         message = json.loads(line)
         if message.get("reason") == "compiler-artifact" and message.get("executable"):
-            if message["target"]["name"] == TLSLOAD_PACKAGE:
+            if message["target"]["name"] == package:
                 return Path(message["executable"])
-    raise PeerError(f"cargo built {TLSLOAD_PACKAGE} but named no executable")
+    raise PeerError(f"cargo built {package} but named no executable")
 
 
 def tool_versions() -> dict[str, str]:

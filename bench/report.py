@@ -122,7 +122,7 @@ class SystemRuns:
         }
         if self.runs[0].tool == "wrk":
             summary.update(self._cpu_summary(nginx_cpu_us))
-        if self.runs[0].tool == "h2load":
+        if "slower_than_gap" in self.runs[0].extra:  # fixed-rate runs, from either load
             summary["slower_than_gap"] = sum(run.extra["slower_than_gap"] for run in self.runs)
         return summary
 

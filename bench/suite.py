@@ -185,6 +185,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "rate near a proxy's saturation is reachable)",
     )
     harness.add_latency_steal_limit_argument(parser)
+    harness.add_latency_load_argument(parser)
     parser.add_argument(
         "--mitmproxy-python",
         default=default_mitmproxy_python(),
@@ -303,16 +304,6 @@ def h2_saturation_command(
 _FINISHED_RE = re.compile(r"finished in ([\d.]+)s,")
 
 
-def latency_percentiles(latencies: list[float]) -> dict[str, float]:
-    """mean, p50, p90, p99, p99.9 and max (µs) of an ascending list, as run_h2load reports."""
-    n = len(latencies)
-    return {
-        "mean": round(sum(latencies) / n, 1) if n else 0.0,
-        **{p: load.percentile(latencies, float(p[1:])) for p in PERCENTILES},
-        "max": latencies[-1] if n else 0.0,
-    }
-
-
 def run_h2_saturation(
     argv: list[str], duration: float, log: Path, cpu_seconds: Callable[[], float]
 ) -> load.LoadResult:
@@ -335,7 +326,7 @@ def run_h2_saturation(
         duration_s=seconds,
         rps=round(n / seconds, 1) if seconds else 0.0,
         errors=summary["failed"] + summary["errored"] + summary["timeout"] + bad_status,
-        latency_us=latency_percentiles(latencies),
+        latency_us=load.latency_percentiles(latencies),
         cpu=cpu,
         cpu_us_per_req=round(cpu_used * 1e6 / n, 2) if n else None,
         extra={"h2load_requests": summary},
@@ -730,10 +721,12 @@ def print_mode(args: argparse.Namespace, mode: str, summary: dict[str, Any]) -> 
             f"-c{args.h2_connections} -m{args.h2_streams}, h2c):"
         )
         print(throughput_table(summary["throughput"]))
+    load_name, gap_note = harness.fixed_rate_load(args)
     for entry in summary["latency"]:
         print(
-            f"\n[{mode}] Latency at {entry['label']} (h2load HTTP/1.1, {args.rate_connections} "
-            f"connections, medians over {args.rounds} round(s); +: over direct at this rate):"
+            f"\n[{mode}] Latency at {entry['label']} ({load_name}, {args.rate_connections} "
+            f"connections, medians over {args.rounds} round(s); +: over direct at this rate; "
+            f"{gap_note}):"
         )
         print(latency_table(entry["systems"]))
         for line in filters.unsustained(entry["rate"], entry["systems"]):
@@ -764,6 +757,8 @@ def scenario_argv(args: argparse.Namespace, mode: str) -> list[str]:
         f"{args.steal_limit:g}",
         "--latency-steal-limit",
         f"{args.latency_steal_limit:g}",
+        "--latency-load",
+        args.latency_load,
         "--retakes",
         str(args.retakes),
         *pin_argv(mode),
@@ -1149,7 +1144,7 @@ def header(
         f"{args.rounds}; {args.duration:g} s runs after {args.warmup:g} s warm-up; proxy "
         f"threads {args.threads}; wrk -t{args.load_threads} -c{args.connections}; h2load "
         f"-c{args.h2_connections} -m{args.h2_streams}; fixed rates over "
-        f"{args.rate_connections} connections",
+        f"{args.rate_connections} connections from {args.latency_load}",
         harness.steal_line(args),
     ]
     return lines + harness.header_warnings(machine, meshpy)
@@ -1160,6 +1155,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path | None, str]:
     peers.ensure_tools(install=not args.no_install)
     if {"mesh", "churn"} & set(args.parts):
         peers.tlsload_binary()  # built before any measurement, not in the middle of one
+    if {"latency", "mesh", "filters"} & set(args.parts):
+        harness.build_latency_load(args)
     if "filters" not in args.parts:
         return None, ""
     try:
