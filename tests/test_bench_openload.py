@@ -188,6 +188,7 @@ def test_a_server_that_is_gone_gives_errors_not_latencies(openload: Path, tmp_pa
         (["--url", "https://127.0.0.1:1/", "--rate", "10"], "only http:// URLs"),
         (["--url", "http://127.0.0.1:1/", "--rate", "0"], "must be positive"),
         (["--url", "http://127.0.0.1:1/"], "--rate is required"),
+        (["--url", "http://127.0.0.1:1/", "--rate", "2e6"], "above 1000000"),
     ],
 )
 def test_bad_arguments_exit_2_and_say_why(

@@ -73,6 +73,10 @@ fn parse_args() -> Result<Args, String> {
         }
     }
     let url = url.ok_or("--url is required")?;
+    // The timer's interval is whole nanoseconds, and one thread sends every request.
+    if rate.is_some_and(|rate| rate > 1e6) {
+        return Err("--rate above 1000000 requests/s is more than one client thread sends".into());
+    }
     let rate = rate.ok_or("--rate is required")?;
     if !(rate > 0.0 && duration > 0.0 && warmup >= 0.0 && timeout >= 0.0) || connections == 0 {
         return Err(
@@ -193,6 +197,7 @@ async fn dispatch(
     // and the descriptor lives exactly as long as the `AsyncFd` that owns `Ticks`.
     #[allow(deprecated)]
     let ticks = AsyncFd::new(Ticks(timer))?;
+    let interval_ns = u64::try_from(interval.as_nanos()).expect("an interval under 584 years");
     let mut next = 0u64;
     while next < total {
         let mut guard = ticks.readable().await?;
@@ -205,7 +210,8 @@ async fn dispatch(
         let now = Instant::now();
         let mut queue = shared.due.borrow_mut();
         while next < total {
-            let due = start + interval.mul_f64(next as f64);
+            // Whole nanoseconds, as the timer counts: a due time is never after its tick.
+            let due = start + Duration::from_nanos(interval_ns * next);
             if due > now {
                 break;
             }
