@@ -127,7 +127,7 @@ def add_latency_load_argument(parser: argparse.ArgumentParser) -> None:
 
 def build_latency_load(args: argparse.Namespace) -> None:
     """Builds meshpy-openload if the fixed-rate runs use it: before any measurement."""
-    if getattr(args, "latency_load", "h2load") == "open":
+    if args.latency_load == "open":
         peers.openload_binary()
 
 

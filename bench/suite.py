@@ -1144,7 +1144,7 @@ def header(
         f"{args.rounds}; {args.duration:g} s runs after {args.warmup:g} s warm-up; proxy "
         f"threads {args.threads}; wrk -t{args.load_threads} -c{args.connections}; h2load "
         f"-c{args.h2_connections} -m{args.h2_streams}; fixed rates over "
-        f"{args.rate_connections} connections from {args.latency_load}",
+        f"{args.rate_connections} connections with --latency-load {args.latency_load}",
         harness.steal_line(args),
     ]
     return lines + harness.header_warnings(machine, meshpy)

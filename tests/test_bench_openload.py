@@ -27,7 +27,15 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import filters, harness, load, mesh, peers, suite  # noqa: E402
+from bench import (  # noqa: E402
+    filters,
+    harness,
+    load,
+    mesh,
+    peers,
+    report,
+    suite,
+)
 from bench.report import SystemRuns  # noqa: E402
 
 
@@ -223,3 +231,7 @@ def test_the_suite_hands_its_latency_load_to_the_mesh_and_filter_parts() -> None
     assert mesh.parse_args(suite.scenario_argv(args, "shared")).latency_load == "open"
     assert filters.parse_args(suite.scenario_argv(args, "shared")).latency_load == "open"
     assert suite.parse_args([]).latency_load == "h2load"
+    header = "\n".join(
+        suite.header(args, "python -m bench suite", report.machine_info(), None, None, {})
+    )
+    assert "fixed rates over 50 connections with --latency-load open" in header
