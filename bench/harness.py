@@ -487,31 +487,21 @@ def measure_fixed_rate(
 ) -> None:
     """``rate`` req/s over ``args.rate_connections`` connections, from ``--latency-load``."""
     log_file = root / f"{args.latency_load}-{system.name}-{round_index}-{rate:g}.log"
+    schedule: dict[str, Any] = {
+        "url": url,
+        "connections": args.rate_connections,
+        "duration": args.duration,
+        "warmup": args.warmup,
+        "rate": rate,
+        "log_file": log_file,
+        "pin": load_pin,
+        "headers": headers,
+    }
     if args.latency_load == "open":
-        command = load.openload_command(
-            peers.openload_binary(),
-            url,
-            args.rate_connections,
-            args.duration,
-            args.warmup,
-            rate,
-            log_file,
-            load_pin,
-            headers,
-        )
+        command = load.openload_command(peers.openload_binary(), **schedule)
         run = load.run_openload
     else:
-        command = load.h2load_command(
-            url,
-            args.load_threads,
-            args.rate_connections,
-            args.duration,
-            args.warmup,
-            rate,
-            log_file,
-            load_pin,
-            headers,
-        )
+        command = load.h2load_command(threads=args.load_threads, **schedule)
         run = load.run_h2load
     try:
         result = retaken_for_steal(

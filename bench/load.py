@@ -127,7 +127,7 @@ def write_wrk_script(directory: Path) -> Path:
 
 
 def header_args(headers: Sequence[str]) -> list[str]:
-    """``-H "name: value"`` for each header (wrk and h2load take the same flag)."""
+    """``-H "name: value"`` for each header (wrk, h2load and meshpy-openload take it)."""
     return [arg for header in headers for arg in ("-H", header)]
 
 
@@ -251,7 +251,7 @@ def openload_command(
         f"{warmup:g}",
         "--log-file",
         str(log_file),
-        *(arg for header in headers for arg in ("--header", header)),
+        *header_args(headers),
     ]
 
 
@@ -310,70 +310,71 @@ def latency_percentiles(latencies: list[float]) -> dict[str, float]:
 def run_openload(
     argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
 ) -> LoadResult:
-    """Runs meshpy-openload; its log has h2load's format, its latencies run from due times."""
-    start = CpuSample.now()
-    done = _run(argv, timeout=duration + warmup + 60)
-    cpu = CpuSample.now().usage_since(start)
-    try:
-        summary = json.loads(done.stdout)
-    except json.JSONDecodeError as exc:
-        raise LoadError(f"meshpy-openload printed no summary: {done.stdout[:200]!r}") from exc
-    latencies, bad_status = parse_h2load_log(log_file.read_text())
-    log_file.unlink()
-    latencies.sort()
-    # Nothing waits uncounted here; what >gap counts instead is the requests that went out
-    # more than one connection's gap after they fell due, a wait their latency includes.
-    gap_us = 1e6 * connections / rate
-    n = len(latencies)
-    return LoadResult(
-        tool="openload",
-        command=argv,
-        requests=n,
-        duration_s=duration,
-        rps=round(n / duration, 1),
-        # The log holds the failed requests too (status -1); the unanswered never started one.
-        errors=summary["unanswered"] + bad_status,
-        latency_us=latency_percentiles(latencies),
-        cpu=cpu,
-        extra={
-            "target_rps": rate,
-            "gap_us": round(gap_us, 1),
-            "slower_than_gap": summary["late_starts"],
-            "openload": summary,
-        },
-    )
+    """Runs meshpy-openload, whose latencies run from when each request fell due."""
+
+    def outcome(
+        stdout: str, latencies: list[float], gap_us: float
+    ) -> tuple[int, int, dict[str, Any]]:
+        try:
+            summary = json.loads(stdout)
+        except json.JSONDecodeError as exc:
+            raise LoadError(f"meshpy-openload printed no summary: {stdout[:200]!r}") from exc
+        # Nothing waits uncounted here; what >gap counts instead is the requests that went
+        # out more than one connection's gap after they fell due, a wait their latency
+        # includes. The log holds the failed requests (status -1); the unanswered never
+        # started one.
+        return summary["unanswered"], summary["late_starts"], {"openload": summary}
+
+    return _run_fixed_rate("openload", argv, duration, warmup, rate, connections, log_file, outcome)
 
 
 def run_h2load(
     argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
 ) -> LoadResult:
+    def outcome(
+        stdout: str, latencies: list[float], gap_us: float
+    ) -> tuple[int, int, dict[str, Any]]:
+        summary = parse_h2load_summary(stdout)
+        # h2load times a request from when it is written, and a connection carries one
+        # request at a time. A response slower than the gap between scheduled requests on its
+        # connection delays the next one, and that wait is not counted (coordinated
+        # omission). Count such responses: when there are none, the percentiles are free of it.
+        late = sum(1 for value in latencies if value > gap_us)
+        errors = summary["failed"] + summary["errored"] + summary["timeout"]
+        return errors, late, {"h2load_requests": summary}
+
+    return _run_fixed_rate("h2load", argv, duration, warmup, rate, connections, log_file, outcome)
+
+
+def _run_fixed_rate(
+    tool: str,
+    argv: list[str],
+    duration: float,
+    warmup: float,
+    rate: float,
+    connections: int,
+    log_file: Path,
+    outcome: Callable[[str, list[float], float], tuple[int, int, dict[str, Any]]],
+) -> LoadResult:
+    """Runs a fixed-rate load whose per-request log has h2load's format. ``outcome`` reads the
+    tool's output: its errors beyond the log's non-2xx lines, its >gap count and its extras."""
     start = CpuSample.now()
     done = _run(argv, timeout=duration + warmup + 60)
     cpu = CpuSample.now().usage_since(start)
-    summary = parse_h2load_summary(done.stdout)
     latencies, bad_status = parse_h2load_log(log_file.read_text())
     log_file.unlink()
     latencies.sort()
-    # h2load times a request from when it is written, and a connection carries one request at a
-    # time. A response slower than the gap between scheduled requests on its connection delays
-    # the next one, and that wait is not counted (coordinated omission). Count such responses:
-    # when there are none, the percentiles are free of it.
     gap_us = 1e6 * connections / rate
-    late = sum(1 for value in latencies if value > gap_us)
+    errors, late, extra = outcome(done.stdout, latencies, gap_us)
     n = len(latencies)
     return LoadResult(
-        tool="h2load",
+        tool=tool,
         command=argv,
         requests=n,
         duration_s=duration,
         rps=round(n / duration, 1),
-        errors=summary["failed"] + summary["errored"] + summary["timeout"] + bad_status,
+        errors=errors + bad_status,
         latency_us=latency_percentiles(latencies),
         cpu=cpu,
-        extra={
-            "target_rps": rate,
-            "gap_us": round(gap_us, 1),
-            "slower_than_gap": late,
-            "h2load_requests": summary,
-        },
+        extra={"target_rps": rate, "gap_us": round(gap_us, 1), "slower_than_gap": late, **extra},
     )

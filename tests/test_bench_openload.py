@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ class NotingServer:
     chunked: bool = False
     stall: tuple[int, float] | None = None
     arrivals: list[float] = field(default_factory=list)
+    heads: list[bytes] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
     listener: socket.socket = field(default_factory=socket.socket)
 
@@ -78,10 +79,11 @@ class NotingServer:
                     if not data:
                         return
                     pending += data
-                _, pending = pending.split(b"\r\n\r\n", 1)
+                head, pending = pending.split(b"\r\n\r\n", 1)
                 with self.lock:
                     number = len(self.arrivals)
                     self.arrivals.append(time.monotonic())
+                    self.heads.append(head)
                 if self.stall and number == self.stall[0]:
                     time.sleep(self.stall[1])
                 conn.sendall(self._response())
@@ -109,8 +111,22 @@ def server() -> Iterator[NotingServer]:
     server.close()
 
 
-def run(binary: Path, url: str, log: Path, *options: str) -> dict[str, Any]:
-    argv = [str(binary), "--url", url, "--log-file", str(log), *options]
+def run(
+    binary: Path,
+    url: str,
+    log: Path,
+    *,
+    rate: float,
+    connections: int,
+    duration: float,
+    warmup: float = 0,
+    headers: Sequence[str] = (),
+) -> dict[str, Any]:
+    argv = [
+        str(binary), "--url", url, "--log-file", str(log), "--rate", f"{rate:g}",
+        "--connections", str(connections), "--duration", f"{duration:g}", "--warmup", f"{warmup:g}",
+        *load.header_args(headers),
+    ]  # fmt: skip
     done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=True)
     summary: dict[str, Any] = json.loads(done.stdout)
     return summary
@@ -121,10 +137,7 @@ def test_requests_arrive_evenly_spaced_at_the_rate(
 ) -> None:
     url = server.start()
     log = tmp_path / "log"
-    summary = run(
-        openload, url, log, "--rate", "400", "--connections", "8", "--duration", "1.5",
-        "--warmup", "0.25",
-    )  # fmt: skip
+    summary = run(openload, url, log, rate=400, connections=8, duration=1.5, warmup=0.25)
     # 1.5 s at 400 req/s is 600 requests due in the measured span, all answered.
     assert summary["measured"] == 600 and summary["succeeded"] == 600
     assert summary["errors"] == 0 and summary["bad_status"] == 0
@@ -138,6 +151,21 @@ def test_requests_arrive_evenly_spaced_at_the_rate(
     assert near_zero < 0.2 * len(gaps), f"{near_zero} of {len(gaps)} arrivals came in bursts"
 
 
+def test_every_request_carries_the_headers_it_is_given(
+    openload: Path, server: NotingServer, tmp_path: Path
+) -> None:
+    url = server.start()
+    headers = ("x-tenant: bench", "Authorization: Bearer t0k")
+    summary = run(
+        openload, url, tmp_path / "log", rate=100, connections=2, duration=0.2, headers=headers
+    )
+    assert summary["succeeded"] == 20 and len(server.heads) == 20
+    for head in server.heads:
+        lines = head.decode().split("\r\n")
+        assert lines[0] == "GET / HTTP/1.1" and lines[1].startswith("Host: 127.0.0.1:")
+        assert lines[2:] == list(headers)
+
+
 def test_a_stalled_response_makes_the_requests_due_behind_it_count_their_wait(
     openload: Path, server: NotingServer, tmp_path: Path
 ) -> None:
@@ -146,10 +174,7 @@ def test_a_stalled_response_makes_the_requests_due_behind_it_count_their_wait(
     server.stall = (50, 0.3)
     url = server.start()
     log = tmp_path / "log"
-    summary = run(
-        openload, url, log, "--rate", "100", "--connections", "1", "--duration", "1.5",
-        "--warmup", "0",
-    )  # fmt: skip
+    summary = run(openload, url, log, rate=100, connections=1, duration=1.5)
     latencies, bad = load.parse_h2load_log(log.read_text())
     assert bad == 0 and len(latencies) == 150
     slow = [value for value in latencies if value > 100_000]
@@ -165,13 +190,12 @@ def test_non_2xx_responses_and_unsupported_framing_are_errors(
     server.status = 503
     url = server.start()
     log = tmp_path / "log"
-    common = ("--rate", "200", "--connections", "2", "--duration", "0.5", "--warmup", "0")
-    summary = run(openload, url, log, *common)
+    summary = run(openload, url, log, rate=200, connections=2, duration=0.5)
     assert summary["succeeded"] == 0 and summary["bad_status"] == summary["measured"] == 100
     assert {line.split("\t")[1] for line in log.read_text().splitlines()} == {"503"}
 
     server.status, server.chunked = 200, True
-    summary = run(openload, url, log, *common)
+    summary = run(openload, url, log, rate=200, connections=2, duration=0.5)
     assert summary["succeeded"] == 0 and summary["errors"] == 100
     assert "chunked" in summary["first_error"]
     assert {line.split("\t")[1] for line in log.read_text().splitlines()} == {"-1"}
@@ -182,10 +206,7 @@ def test_a_server_that_is_gone_gives_errors_not_latencies(openload: Path, tmp_pa
         unused.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{unused.getsockname()[1]}/"
     log = tmp_path / "log"
-    summary = run(
-        openload, url, log, "--rate", "100", "--connections", "2", "--duration", "0.3",
-        "--warmup", "0",
-    )  # fmt: skip
+    summary = run(openload, url, log, rate=100, connections=2, duration=0.3)
     assert summary["succeeded"] == 0 and summary["errors"] == summary["measured"] == 30
     assert "connect" in summary["first_error"]
 

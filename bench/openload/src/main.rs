@@ -32,7 +32,7 @@ use tokio::sync::Notify;
 
 const USAGE: &str = "usage: meshpy-openload --url http://HOST:PORT/PATH --rate REQ_PER_S \
 --log-file PATH [--connections N (default 50)] [--duration S (default 10)] [--warmup S (default 2)] \
-[--header 'Name: value']... [--timeout S (default 5)]";
+[-H|--header 'Name: value']... [--timeout S (default 5)]";
 
 /// Time between starting the clock and the first request, for the tasks to settle.
 const LEAD: Duration = Duration::from_millis(20);
@@ -65,7 +65,8 @@ fn parse_args() -> Result<Args, String> {
             "--duration" => duration = value.parse().map_err(|e| bad(&e))?,
             "--warmup" => warmup = value.parse().map_err(|e| bad(&e))?,
             "--timeout" => timeout = value.parse().map_err(|e| bad(&e))?,
-            "--header" => {
+            // `-H` as wrk and h2load spell it, so the bench hands all three the same options.
+            "--header" | "-H" => {
                 let (name, field) = value.split_once(':').ok_or_else(|| bad(&"expected 'Name: value'"))?;
                 headers.push(format!("{}: {}", name.trim(), field.trim()));
             }
