@@ -172,6 +172,56 @@ def test_invalid_file_keeps_old_config(run_proxy, ab, kind):
     eventually(recovered, timeout=3)
 
 
+def reload_counts(proxy) -> tuple[int, float, float]:
+    metrics = proxy.metrics()
+    return (
+        proxy.config_version(),
+        metrics.get("config_reload_total", result="success"),
+        metrics.get("config_reload_total", result="failure"),
+    )
+
+
+def test_a_rewrite_with_equal_bytes_is_not_a_reload(run_proxy, ab):
+    """Tools that rewrite every file they manage (config management, a k8s ConfigMap
+    resync) change its mtime and inode; the sidecar reloads on content, not on those."""
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    before = reload_counts(proxy)
+    proxy.write_config(routed_to("ca", clusters))  # new inode and mtime, the same bytes
+    time.sleep(1.5)  # three looks at the file
+    assert reload_counts(proxy) == before
+
+    proxy.write_config(routed_to("cb", clusters))  # and different bytes are
+    eventually(lambda: served_by(proxy) == "b", timeout=3)
+    assert reload_counts(proxy) == (before[0] + 1, before[1] + 1, before[2])
+
+
+def test_a_rejected_file_is_not_retried_until_it_changes(run_proxy, ab):
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    version, success, failure = reload_counts(proxy)
+    proxy.write_raw_config(INVALID["yaml-syntax"])
+    eventually(lambda: reload_counts(proxy)[2] == failure + 1, timeout=3)
+    os.utime(proxy.config_path)  # touched: its mtime moves, its bytes do not
+    time.sleep(0.6)
+    proxy.write_raw_config(INVALID["yaml-syntax"])  # rewritten with the same bytes
+    time.sleep(1.5)
+    assert reload_counts(proxy) == (version, success, failure + 1)
+    assert served_by(proxy) == "a"
+
+
+def test_a_sidecar_without_tls_loads_no_openssl(run_proxy, ab):
+    """OpenSSL's libcrypto is 3.4 MB of resident memory in every sidecar that maps it (the
+    idle target is 40 MB); the data plane's TLS is rustls, so a plain sidecar needs none.
+    Reloads run the code that compares config contents, which once hashed them."""
+    _, _, clusters = ab
+    proxy = run_proxy(routed_to("ca", clusters))
+    proxy.reload(routed_to("cb", clusters))
+    assert served_by(proxy) == "b"
+    maps = Path(f"/proc/{proxy.pid}/maps").read_text()
+    assert "libcrypto" not in maps and "libssl" not in maps
+
+
 def test_reload_under_load_drops_nothing(run_proxy, ab):
     _, _, clusters = ab
     proxy = run_proxy(routed_to("ca", clusters))

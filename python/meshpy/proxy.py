@@ -2,7 +2,6 @@
 
 import contextlib
 import datetime as dt
-import hashlib
 import importlib
 import importlib.util
 import logging
@@ -54,10 +53,6 @@ def _core_errors(source: str) -> Iterator[None]:
         raise ListenError(str(exc)) from exc
     except _core.CoreError as exc:
         raise MeshpyError(str(exc)) from exc
-
-
-def _digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()
 
 
 def _stat_key(path: Path) -> tuple[int, int, int] | None:
@@ -125,7 +120,9 @@ class Sidecar:
         except BaseException:
             self._remove_identity_dir()
             raise
-        self._seen = _digest(data)  # the content last applied or rejected
+        # The content last applied or rejected, kept whole: a config file is small, and a
+        # digest would load hashlib's OpenSSL (3.4 MB of RSS in every sidecar).
+        self._seen = data
         self._stat = _stat_key(self.path)
         self._module_stats = self._filter_module_stats()
         self._identity_stats = self._identity_file_stats(self._config)
@@ -397,7 +394,7 @@ class Sidecar:
 
     def _apply(self, data: bytes) -> bool:
         # Remember rejected content too, so polling does not retry (and re-log) the same bytes.
-        self._seen = _digest(data)
+        self._seen = data
         before = self.addresses
         try:
             config = self._parse(data)
@@ -464,7 +461,7 @@ class Sidecar:
             except OSError:
                 return
             self._stat = key
-            if _digest(data) != self._seen:
+            if data != self._seen:
                 self._apply(data)
                 return
         changed = [
