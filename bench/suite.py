@@ -47,8 +47,9 @@ SYSTEMS = (DIRECT, *PROXIES)
 PEERS = ("nginx", "haproxy")  # what meshpy is compared with; the slowest sets the rates
 # Isolated mode: the proxy has core 1 to itself; load generator and upstream share core 0.
 ISOLATED_PINNING = {"upstream": "0", "proxy": "1", "load": "0"}
-CONSTANT_RATE = 1000.0
-RATE_SHARES = (0.25, 0.5, 0.75)
+# The fixed rates: a constant 1,000 req/s, then shares of the slowest peer's saturation.
+DEFAULT_LATENCY_RATES = "1000,25%,50%,75%"
+MAX_RATE = 1e6  # req/s; the load generators refuse more
 TARGET_RATE_SHARE = 0.5  # the latency target is checked at this share of the slowest peer
 PERCENTILES = ("p50", "p90", "p99", "p99.9")
 CHARTS_DIR = Path(__file__).resolve().parent  # next to RESULTS.md
@@ -184,6 +185,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="h2load connections of the fixed-rate runs (default 50, as many as wrk's, so a "
         "rate near a proxy's saturation is reachable)",
     )
+    parser.add_argument(
+        "--latency-rates",
+        default=DEFAULT_LATENCY_RATES,
+        metavar="RATES",
+        help="the fixed rates of the latency part, comma-separated: req/s (1000) or a share "
+        "of the slowest peer's HTTP/1.1 saturation (50%%) (default: "
+        f"{DEFAULT_LATENCY_RATES.replace('%', '%%')}; the latency target is checked at 50%%)",
+    )
     harness.add_latency_steal_limit_argument(parser)
     harness.add_latency_load_argument(parser)
     parser.add_argument(
@@ -227,7 +236,27 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.mode_names = _csv(parser, "--modes", args.modes, MODES)
     args.names = _csv(parser, "--systems", args.systems, SYSTEMS)
     args.config_keys = _csv(parser, "--configs", args.configs, [c.key for c in CONFIGS])
+    args.rate_specs = _rate_specs(parser, args.latency_rates)
     return args
+
+
+def _rate_specs(parser: argparse.ArgumentParser, value: str) -> list[tuple[str, float]]:
+    """``--latency-rates`` as ("req/s", rate) and ("share", fraction) in the order given."""
+    specs: list[tuple[str, float]] = []
+    for item in (part.strip() for part in value.split(",")):
+        kind = "share" if item.endswith("%") else "req/s"
+        try:
+            number = float(item.removesuffix("%")) / (100 if kind == "share" else 1)
+        except ValueError:
+            number = 0.0
+        spec = (kind, number)
+        if not (0 < number <= (1 if kind == "share" else MAX_RATE)) or spec in specs:
+            parser.error(
+                "--latency-rates: expected distinct req/s up to 1,000,000 or shares up to 100% "
+                f"of the slowest peer, like {DEFAULT_LATENCY_RATES}; got {item!r} in {value!r}"
+            )
+        specs.append(spec)
+    return specs
 
 
 def pinning(mode: str) -> dict[str, str | None]:
@@ -484,18 +513,27 @@ def measure_throughput(
                     )
 
 
-def latency_rates(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The fixed rates: 1,000 req/s and shares of the slowest peer's saturation req/s."""
-    rates = [{"rate": CONSTANT_RATE, "label": f"{CONSTANT_RATE:,.0f} req/s", "share": None}]
+def latency_rates(
+    summaries: list[dict[str, Any]], specs: Sequence[tuple[str, float]]
+) -> list[dict[str, Any]]:
+    """The fixed rates of ``specs``: req/s as given, shares of the slowest peer's saturation
+    req/s (left out when no peer's was measured)."""
     slowest = slowest_peer(summaries)
-    if slowest is None:
-        return rates
-    name, rps = slowest
-    for share in RATE_SHARES:
-        rate = float(round(share * rps))
-        label = f"{share:.0%} of {name} ({rate:,.0f} req/s)"
-        rates.append({"rate": rate, "label": label, "share": share, "of": name})
+    rates: list[dict[str, Any]] = []
+    for kind, number in specs:
+        if kind == "req/s":
+            rates.append({"rate": number, "label": f"{number:,.0f} req/s", "share": None})
+        elif slowest is not None:
+            name, rps = slowest
+            rate = float(round(number * rps))
+            label = f"{share_text(number)} of {name} ({rate:,.0f} req/s)"
+            rates.append({"rate": rate, "label": label, "share": number, "of": name})
     return rates
+
+
+def share_text(share: float) -> str:
+    """0.5 as 50%, 0.125 as 12.5%."""
+    return f"{share * 100:g}%"
 
 
 def slowest_peer(summaries: list[dict[str, Any]]) -> tuple[str, float] | None:
@@ -516,7 +554,7 @@ def measure_latency(
     base = summarize_throughput(
         list(runs.throughput[BASE_CONFIG.key].values()), runs.not_applicable[BASE_CONFIG.key]
     )
-    runs.rates = latency_rates(base)
+    runs.rates = latency_rates(base, args.rate_specs)
     runs.latency = [runs.phases(args.names) for _ in runs.rates]
     print(f"[{mode}] latency rates: {'; '.join(e['label'] for e in runs.rates)}", flush=True)
     for round_index in range(args.rounds):
@@ -1103,7 +1141,7 @@ def rate_key(entry: dict[str, Any]) -> str:
     """The rate's place in the chart's grid: the same in every mode, whose rates differ."""
     if entry.get("share") is None:
         return entry["label"]
-    return f"{entry['share']:.0%} of slowest peer"
+    return f"{share_text(entry['share'])} of slowest peer"
 
 
 def write_charts(charts_dir: Path, modes: dict[str, dict[str, Any]]) -> list[str]:
@@ -1143,7 +1181,7 @@ def header(
         f"parts: {','.join(args.parts)}; modes: {','.join(args.mode_names)}; rounds "
         f"{args.rounds}; {args.duration:g} s runs after {args.warmup:g} s warm-up; proxy "
         f"threads {args.threads}; wrk -t{args.load_threads} -c{args.connections}; h2load "
-        f"-c{args.h2_connections} -m{args.h2_streams}; fixed rates over "
+        f"-c{args.h2_connections} -m{args.h2_streams}; fixed rates {args.latency_rates} over "
         f"{args.rate_connections} connections with --latency-load {args.latency_load}",
         harness.steal_line(args),
     ]

@@ -326,10 +326,32 @@ def test_latency_rates_come_from_the_slowest_peer() -> None:
         {"system": "nginx", "rounds_ok": 1, "rps_median": 40000.0},
         {"system": "haproxy", "rounds_ok": 1, "rps_median": 48000.0},
     ]
-    rates = suite.latency_rates(summaries)
+    specs = suite.parse_args([]).rate_specs
+    rates = suite.latency_rates(summaries, specs)
     assert [r["rate"] for r in rates] == [1000.0, 10000.0, 20000.0, 30000.0]
     assert rates[2]["share"] == 0.5 and rates[2]["of"] == "nginx"
-    assert suite.latency_rates(summaries[:1]) == rates[:1]  # no proxy: only 1,000 req/s
+    assert rates[2]["label"] == "50% of nginx (20,000 req/s)"
+    assert suite.latency_rates(summaries[:1], specs) == rates[:1]  # no proxy: only 1,000 req/s
+
+
+def test_latency_rates_can_be_chosen(capsys: pytest.CaptureFixture[str]) -> None:
+    summaries = [
+        {"system": "nginx", "rounds_ok": 1, "rps_median": 40000.0},
+        {"system": "haproxy", "rounds_ok": 1, "rps_median": 48000.0},
+    ]
+    args = suite.parse_args(["--latency-rates", "12.5%, 2500"])
+    rates = suite.latency_rates(summaries, args.rate_specs)
+    assert [(r["rate"], r["share"]) for r in rates] == [(5000.0, 0.125), (2500.0, None)]
+    assert [suite.rate_key(r) for r in rates] == ["12.5% of slowest peer", "2,500 req/s"]
+    header = "\n".join(suite.header(args, "suite", report.machine_info(), None, None, {}))
+    assert "fixed rates 12.5%, 2500 over 50 connections" in header
+    only_half = suite.parse_args(["--latency-rates", "50%"]).rate_specs
+    assert [r["rate"] for r in suite.latency_rates(summaries, only_half)] == [20000.0]
+    for bad in ("0%", "101%", "fast", "2000000", "50%,50%", ""):
+        with pytest.raises(SystemExit) as exit_info:
+            suite.parse_args(["--latency-rates", bad])
+        assert exit_info.value.code == 2
+        assert "--latency-rates: expected distinct req/s" in capsys.readouterr().err
 
 
 def test_latency_is_added_over_direct_at_every_percentile() -> None:
