@@ -124,6 +124,7 @@ class SystemRuns:
             summary.update(self._cpu_summary(nginx_cpu_us))
         if "slower_than_gap" in self.runs[0].extra:  # fixed-rate runs, from either load
             summary["slower_than_gap"] = sum(run.extra["slower_than_gap"] for run in self.runs)
+            summary["p99_us_by_run"] = [run.latency_us["p99"] for run in self.runs]
         return summary
 
 

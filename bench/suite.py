@@ -990,7 +990,26 @@ def latency_check(mode: str, summary: dict[str, Any]) -> dict[str, Any]:
     value = "meshpy {} ms; nginx {} ms; haproxy {} ms".format(
         *(_signed_ms(added[n]) for n in ("meshpy", *PEERS))
     )
+    rounds = rounds_at_or_below(_by_system(entry["systems"]))
+    if rounds:
+        value += f" (meshpy's p99 at or below {rounds} rounds)"
     return _check(target, value, added["meshpy"] <= worst_allowed)
+
+
+def rounds_at_or_below(systems: dict[str, dict[str, Any]]) -> str:
+    """In how many rounds meshpy's p99 was at or below each peer's, as "nginx's in 5/9,
+    haproxy's in 6/9"; empty unless every system has a run in every round (the runs of a
+    round then share an index) and the peers are there."""
+    if any(name not in systems for name in ("meshpy", *PEERS)):
+        return ""
+    by_round = {name: systems[name].get("p99_us_by_run") or [] for name in ("meshpy", *PEERS)}
+    if any(systems[name].get("failures") for name in by_round):
+        return ""
+    ours = by_round["meshpy"]
+    if not ours or any(len(theirs) != len(ours) for theirs in by_round.values()):
+        return ""
+    counts = (sum(a <= b for a, b in zip(ours, by_round[p], strict=True)) for p in PEERS)
+    return ", ".join(f"{p}'s in {n}/{len(ours)}" for p, n in zip(PEERS, counts, strict=True))
 
 
 def mesh_check(mode: str, result: dict[str, Any]) -> dict[str, Any]:

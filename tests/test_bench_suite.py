@@ -420,6 +420,25 @@ def test_checklist_passes_fails_and_says_not_measured() -> None:
     assert next(c for c in slower if "added p99" in c["target"])["met"] is False
 
 
+def test_the_latency_check_counts_the_rounds_meshpy_was_at_or_below_each_peer() -> None:
+    def latency_entry(runs: list[SystemRuns]) -> dict[str, Any]:
+        systems = suite.summarize_latency(runs)
+        return {"summary": {"latency": [{"share": 0.5, "systems": systems}]}}
+
+    p99s = {"direct": [900, 900, 900], "meshpy": [1500, 2100, 1600]}
+    p99s |= {"nginx": [1700, 1800, 1600], "haproxy": [1400, 2000, 1900]}
+    runs = [runs_of(n, [rate_result(20000, v) for v in values]) for n, values in p99s.items()]
+    check = suite.latency_check("isolated", latency_entry(runs)["summary"])
+    assert check["met"] is True  # medians: meshpy +0.7 ms, nginx +0.8, haproxy +1.0
+    assert check["value"].endswith(
+        "(meshpy's p99 at or below nginx's in 2/3, haproxy's in 1/3 rounds)"
+    )
+    runs[1].failures.append("round 3: process had exited with code 1")
+    runs[1].runs.pop()  # rounds no longer line up: no count rather than a wrong one
+    check = suite.latency_check("isolated", latency_entry(runs)["summary"])
+    assert check["value"].endswith("haproxy +1.000 ms")
+
+
 def test_churn_handshake_target_becomes_a_check() -> None:
     target = {"target": ">= 3,000/s", "measured_per_s": 3500.0, "met_measured": True}
     (check,) = suite.module_checks("churn", {"handshake_target": target}, ("unused",))
