@@ -486,27 +486,26 @@ def measure_fixed_rate(
     label: str,
 ) -> None:
     """``rate`` req/s over ``args.rate_connections`` connections, from ``--latency-load``."""
-    log_file = root / f"{args.latency_load}-{system.name}-{round_index}-{rate:g}.log"
-    schedule: dict[str, Any] = {
-        "url": url,
-        "connections": args.rate_connections,
-        "duration": args.duration,
-        "warmup": args.warmup,
-        "rate": rate,
-        "log_file": log_file,
-        "pin": load_pin,
-        "headers": headers,
-    }
+    schedule = load.FixedRate(
+        url,
+        args.rate_connections,
+        args.duration,
+        args.warmup,
+        rate,
+        root / f"{args.latency_load}-{system.name}-{round_index}-{rate:g}.log",
+        load_pin,
+        headers,
+    )
     if args.latency_load == "open":
-        command = load.openload_command(peers.openload_binary(), **schedule)
+        command = load.openload_command(peers.openload_binary(), schedule)
         run = load.run_openload
     else:
-        command = load.h2load_command(threads=args.load_threads, **schedule)
+        command = load.h2load_command(schedule, args.load_threads)
         run = load.run_h2load
     try:
         result = retaken_for_steal(
             args,
-            lambda: run(command, args.duration, args.warmup, rate, args.rate_connections, log_file),
+            lambda: run(command, schedule),
             fixed_rate,
             round_index,
             label,

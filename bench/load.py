@@ -190,68 +190,67 @@ def run_wrk(argv: list[str], duration: float, cpu_seconds: Callable[[], float]) 
 # --------------------------------------------------------------------------- h2load
 
 
-def h2load_command(
-    url: str,
-    threads: int,
-    connections: int,
-    duration: float,
-    warmup: float,
-    rate: float,
-    log_file: Path,
-    pin: list[str],
-    headers: Sequence[str] = (),
-) -> list[str]:
-    """h2load over HTTP/1.1 sending ``rate`` requests/s in total, spread over all connections."""
-    per_connection = rate / connections
+@dataclass(frozen=True)
+class FixedRate:
+    """A fixed-rate run: ``rate`` requests/s in total over ``connections`` to ``url``, the
+    first ``warmup`` seconds unmeasured, each request's latency in ``log_file``."""
+
+    url: str
+    connections: int
+    duration: float
+    warmup: float
+    rate: float
+    log_file: Path
+    pin: list[str]
+    headers: Sequence[str] = ()
+
+    @property
+    def gap_us(self) -> float:
+        """The time between two scheduled requests on one connection."""
+        return 1e6 * self.connections / self.rate
+
+
+def h2load_command(schedule: FixedRate, threads: int) -> list[str]:
+    """h2load over HTTP/1.1, each connection sending its share of the rate."""
     return [
-        *pin,
+        *schedule.pin,
         "h2load",
         "--h1",
         "-t",
-        str(min(threads, connections)),
+        str(min(threads, schedule.connections)),
         "-c",
-        str(connections),
+        str(schedule.connections),
         "-D",
-        f"{duration:g}",
+        f"{schedule.duration:g}",
         "--warm-up-time",
-        f"{warmup:g}",
+        f"{schedule.warmup:g}",
         "--rps",
-        f"{per_connection:g}",
+        f"{schedule.rate / schedule.connections:g}",
         "--log-file",
-        str(log_file),
-        *header_args(headers),
-        url,
+        str(schedule.log_file),
+        *header_args(schedule.headers),
+        schedule.url,
     ]
 
 
-def openload_command(
-    binary: Path,
-    url: str,
-    connections: int,
-    duration: float,
-    warmup: float,
-    rate: float,
-    log_file: Path,
-    pin: list[str],
-    headers: Sequence[str] = (),
-) -> list[str]:
-    """meshpy-openload over HTTP/1.1: ``rate`` requests/s in total, ``1/rate`` apart."""
+def openload_command(binary: Path, schedule: FixedRate) -> list[str]:
+    """meshpy-openload over HTTP/1.1: requests ``1/rate`` apart."""
     return [
-        *pin,
+        *schedule.pin,
         str(binary),
         "--url",
-        url,
+        schedule.url,
         "--rate",
-        f"{rate:g}",
+        f"{schedule.rate:g}",
         "--connections",
-        str(connections),
+        str(schedule.connections),
         "--duration",
-        f"{duration:g}",
+        f"{schedule.duration:g}",
         "--warmup",
-        f"{warmup:g}",
+        f"{schedule.warmup:g}",
         "--log-file",
-        str(log_file),
-        *header_args(headers),
+        str(schedule.log_file),
+        *header_args(schedule.headers),
     ]
 
 
@@ -307,14 +306,10 @@ def latency_percentiles(latencies: list[float]) -> dict[str, float]:
     }
 
 
-def run_openload(
-    argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
-) -> LoadResult:
+def run_openload(argv: list[str], schedule: FixedRate) -> LoadResult:
     """Runs meshpy-openload, whose latencies run from when each request fell due."""
 
-    def outcome(
-        stdout: str, latencies: list[float], gap_us: float
-    ) -> tuple[int, int, dict[str, Any]]:
+    def outcome(stdout: str, latencies: list[float]) -> tuple[int, int, dict[str, Any]]:
         try:
             summary = json.loads(stdout)
         except json.JSONDecodeError as exc:
@@ -325,56 +320,52 @@ def run_openload(
         # started one.
         return summary["unanswered"], summary["late_starts"], {"openload": summary}
 
-    return _run_fixed_rate("openload", argv, duration, warmup, rate, connections, log_file, outcome)
+    return _run_fixed_rate("openload", argv, schedule, outcome)
 
 
-def run_h2load(
-    argv: list[str], duration: float, warmup: float, rate: float, connections: int, log_file: Path
-) -> LoadResult:
-    def outcome(
-        stdout: str, latencies: list[float], gap_us: float
-    ) -> tuple[int, int, dict[str, Any]]:
+def run_h2load(argv: list[str], schedule: FixedRate) -> LoadResult:
+    def outcome(stdout: str, latencies: list[float]) -> tuple[int, int, dict[str, Any]]:
         summary = parse_h2load_summary(stdout)
         # h2load times a request from when it is written, and a connection carries one
         # request at a time. A response slower than the gap between scheduled requests on its
         # connection delays the next one, and that wait is not counted (coordinated
         # omission). Count such responses: when there are none, the percentiles are free of it.
-        late = sum(1 for value in latencies if value > gap_us)
+        late = sum(1 for value in latencies if value > schedule.gap_us)
         errors = summary["failed"] + summary["errored"] + summary["timeout"]
         return errors, late, {"h2load_requests": summary}
 
-    return _run_fixed_rate("h2load", argv, duration, warmup, rate, connections, log_file, outcome)
+    return _run_fixed_rate("h2load", argv, schedule, outcome)
 
 
 def _run_fixed_rate(
     tool: str,
     argv: list[str],
-    duration: float,
-    warmup: float,
-    rate: float,
-    connections: int,
-    log_file: Path,
-    outcome: Callable[[str, list[float], float], tuple[int, int, dict[str, Any]]],
+    schedule: FixedRate,
+    outcome: Callable[[str, list[float]], tuple[int, int, dict[str, Any]]],
 ) -> LoadResult:
     """Runs a fixed-rate load whose per-request log has h2load's format. ``outcome`` reads the
     tool's output: its errors beyond the log's non-2xx lines, its >gap count and its extras."""
     start = CpuSample.now()
-    done = _run(argv, timeout=duration + warmup + 60)
+    done = _run(argv, timeout=schedule.duration + schedule.warmup + 60)
     cpu = CpuSample.now().usage_since(start)
-    latencies, bad_status = parse_h2load_log(log_file.read_text())
-    log_file.unlink()
+    latencies, bad_status = parse_h2load_log(schedule.log_file.read_text())
+    schedule.log_file.unlink()
     latencies.sort()
-    gap_us = 1e6 * connections / rate
-    errors, late, extra = outcome(done.stdout, latencies, gap_us)
+    errors, late, extra = outcome(done.stdout, latencies)
     n = len(latencies)
     return LoadResult(
         tool=tool,
         command=argv,
         requests=n,
-        duration_s=duration,
-        rps=round(n / duration, 1),
+        duration_s=schedule.duration,
+        rps=round(n / schedule.duration, 1),
         errors=errors + bad_status,
         latency_us=latency_percentiles(latencies),
         cpu=cpu,
-        extra={"target_rps": rate, "gap_us": round(gap_us, 1), "slower_than_gap": late, **extra},
+        extra={
+            "target_rps": schedule.rate,
+            "gap_us": round(schedule.gap_us, 1),
+            "slower_than_gap": late,
+            **extra,
+        },
     )

@@ -470,24 +470,19 @@ def measure_soak(
     service: peers.Service, url: str, args: argparse.Namespace, root: Path
 ) -> dict[str, Any]:
     """``args.soak`` seconds at ``args.soak_rate`` req/s, RSS sampled every ``soak_interval``."""
-    log_file = root / f"h2load-soak-{service.name}.log"
-    command = load.h2load_command(
+    schedule = load.FixedRate(
         url,
-        1,
         args.soak_connections,
         args.soak,
         0,
         args.soak_rate,
-        log_file,
+        root / f"h2load-soak-{service.name}.log",
         peers.pin_prefix(args.pin_load),
     )
+    command = load.h2load_command(schedule, threads=1)
     assert service.proc is not None
     result, samples = sample_while(
-        service.proc.pid,
-        args.soak_interval,
-        lambda: load.run_h2load(
-            command, args.soak, 0, args.soak_rate, args.soak_connections, log_file
-        ),
+        service.proc.pid, args.soak_interval, lambda: load.run_h2load(command, schedule)
     )
     if len(samples) < 3:
         raise load.LoadError(f"soak too short: {len(samples)} RSS samples")
