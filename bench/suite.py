@@ -191,7 +191,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="RATES",
         help="the fixed rates of the latency part, comma-separated: req/s (1000) or a share "
         "of the slowest peer's HTTP/1.1 saturation (50%%) (default: "
-        f"{DEFAULT_LATENCY_RATES.replace('%', '%%')}; the latency target is checked at 50%%)",
+        f"{DEFAULT_LATENCY_RATES.replace('%', '%%')}; the latency target is checked at "
+        f"{share_text(TARGET_RATE_SHARE)}%)",
     )
     harness.add_latency_steal_limit_argument(parser)
     harness.add_latency_load_argument(parser)

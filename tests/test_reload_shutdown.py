@@ -208,7 +208,7 @@ def test_a_rejected_file_is_not_retried_until_it_changes(run_proxy, ab):
     proxy.write_raw_config(INVALID["yaml-syntax"])
     eventually(lambda: reload_counts(proxy)[2] == failure + 1, timeout=3)
     os.utime(proxy.config_path)  # touched: its mtime moves, its bytes do not
-    time.sleep(0.6)
+    time.sleep(0.6)  # a look at the file in between, so the touch and the rewrite are two
     proxy.write_raw_config(INVALID["yaml-syntax"])  # rewritten with the same bytes
     time.sleep(1.5)
     assert reload_counts(proxy) == (version, success, failure + 1)
